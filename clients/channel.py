@@ -1,0 +1,177 @@
+"""The private channel between a node's ClientApp adapter and its persistent worker process.
+
+In deployment every Flower message runs in a fresh ClientApp process (SPEC §5), so the
+model, its optimizer state and its data stream live in a long-lived worker process instead,
+one per (run, node). The adapter finds that process through a Unix socket and talks to it
+with `multiprocessing.connection`, which authenticates both ends with an HMAC challenge
+before any pickle is read. Two locks keep other local users out:
+
+- the socket lives in a directory only its owner can enter (0700), checked on every use;
+- the shared key is in a 0600 file inside it, so even a user who could reach the socket
+  cannot pass the challenge, drive the worker or read its tensors.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from multiprocessing.connection import Client, Connection
+from pathlib import Path
+from typing import Any
+
+SOCKET_NAME = "worker.sock"
+KEY_NAME = "authkey"
+LOG_NAME = "worker.log"
+PID_NAME = "worker.pid"
+
+
+class WorkerError(RuntimeError):
+    """The worker process failed, could not be started, or did not answer in time."""
+
+
+def runtime_root() -> Path:
+    """Where worker directories live: $FL_DILOCO_RUNTIME_DIR, else a per-user temp folder."""
+    base = os.environ.get("FL_DILOCO_RUNTIME_DIR") or os.path.join(
+        tempfile.gettempdir(), f"fl-diloco-{os.getuid()}"
+    )
+    return _private_dir(Path(base))
+
+
+def worker_dir(run_id: int, node_id: int) -> Path:
+    return _private_dir(runtime_root() / f"run{run_id}-node{node_id}")
+
+
+def _private_dir(path: Path) -> Path:
+    """Create `path` as 0700, or refuse it if someone else owns it or can enter it."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        raise WorkerError(f"{path} belongs to uid {info.st_uid}, not to us; refusing to use it")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def read_or_create_key(directory: Path) -> bytes:
+    """The channel's shared secret, created once per worker directory with mode 0600."""
+    key_path = directory / KEY_NAME
+    try:
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if stat.S_IMODE(key_path.stat().st_mode) & 0o077:
+            raise WorkerError(f"{key_path} is readable by others; delete it and retry")
+        return key_path.read_bytes()
+    with os.fdopen(fd, "wb") as f:
+        f.write(secrets.token_bytes(32))
+    return key_path.read_bytes()
+
+
+@contextmanager
+def _spawn_lock(directory: Path) -> Iterator[None]:
+    with open(directory / "spawn.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class WorkerHandle:
+    """The adapter's side: start the node's worker if it is not running, then call it."""
+
+    def __init__(self, run_id: int, node_id: int):
+        self.directory = worker_dir(run_id, node_id)
+        self.socket_path = str(self.directory / SOCKET_NAME)
+        self.key = read_or_create_key(self.directory)
+
+    def _connect(self) -> Connection:
+        return Client(self.socket_path, family="AF_UNIX", authkey=self.key)
+
+    def is_running(self) -> bool:
+        try:
+            with self._connect() as conn:
+                conn.send({"kind": "ping"})
+                return bool(conn.poll(10)) and conn.recv().get("ok", False)
+        except (OSError, EOFError):
+            return False
+
+    def ensure_running(self, watch_pid: int, idle_timeout: float, start_timeout: float = 120.0) -> None:
+        """Start the worker process unless one already answers on the socket.
+
+        The worker exits on its own when `watch_pid` (the process that stands for the node:
+        the SuperNode in deployment, the Ray raylet in simulation) goes away, when it has
+        been idle for `idle_timeout` seconds, or when asked to shut down.
+        """
+        with _spawn_lock(self.directory):
+            if self.is_running():
+                return
+            if os.path.exists(self.socket_path):
+                os.unlink(self.socket_path)  # stale socket of a dead worker
+            log = open(self.directory / LOG_NAME, "ab")
+            code_root = str(Path(__file__).resolve().parent.parent)
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [code_root, env.get("PYTHONPATH")]))
+            _restore_visible_gpus(env)
+            process = subprocess.Popen(
+                [sys.executable, "-m", "clients.worker_process", "--dir", str(self.directory),
+                 "--watch-pid", str(watch_pid), "--idle-timeout", str(idle_timeout)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                # Its own session: a Ray actor being recycled must not take the worker along;
+                # the worker's watchdog ends it when the node itself goes away.
+                start_new_session=True,
+            )
+            # Reap it when it exits, so a long-lived adapter (a Ray actor) collects no zombies;
+            # where the adapter exits first (deployment), init adopts and reaps it.
+            threading.Thread(target=process.wait, daemon=True).start()
+            deadline = time.monotonic() + start_timeout
+            while time.monotonic() < deadline:
+                if process.poll() is not None:
+                    raise WorkerError(
+                        f"worker process exited with code {process.returncode} while starting; "
+                        f"see {self.directory / LOG_NAME}"
+                    )
+                if os.path.exists(self.socket_path) and self.is_running():
+                    return
+                time.sleep(0.05)
+            process.kill()
+            raise WorkerError(f"worker did not start within {start_timeout:.0f}s; see {self.directory / LOG_NAME}")
+
+    def call(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Send one request and wait up to `timeout` seconds for its reply."""
+        try:
+            with self._connect() as conn:
+                conn.send(request)
+                if not conn.poll(timeout):
+                    raise WorkerError(f"worker did not answer '{request.get('kind')}' within {timeout:.0f}s")
+                reply = conn.recv()
+        except (OSError, EOFError) as err:
+            raise WorkerError(f"lost the worker while waiting for '{request.get('kind')}': {err}; "
+                              f"see {self.directory / LOG_NAME}") from err
+        if "error" in reply:
+            raise WorkerError(f"worker failed on '{request.get('kind')}':\n{reply['error']}")
+        return reply
+
+
+# Ray hides GPUs from ClientApps that reserve none (SPEC §5). The adapter needs no GPU, but the
+# worker does: `fl-diloco train` records the real visibility before Ray starts, and the worker
+# gets it back here.
+VISIBLE_GPUS_ENV = "FL_DILOCO_VISIBLE_GPUS"
+
+
+def _restore_visible_gpus(env: dict[str, str]) -> None:
+    saved = env.get(VISIBLE_GPUS_ENV)
+    if saved is None:
+        return
+    if saved == "all":
+        env.pop("CUDA_VISIBLE_DEVICES", None)
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = saved

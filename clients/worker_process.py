@@ -1,0 +1,95 @@
+"""Entry point of a node's persistent worker process: `python -m clients.worker_process`.
+
+It serves requests from the node's ClientApp adapter over the private channel (see
+`clients.channel`) until one of three things ends it: a `shutdown` request at the end of
+the run, the node going away (the watched pid disappears), or no request for
+`--idle-timeout` seconds. It never outlives its node, so no orphan is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import threading
+import time
+from multiprocessing.connection import Listener
+from pathlib import Path
+
+from clients.channel import KEY_NAME, PID_NAME, SOCKET_NAME
+from clients.worker import Worker
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dir", required=True, type=Path)
+    parser.add_argument("--watch-pid", type=int, required=True)
+    parser.add_argument("--idle-timeout", type=float, default=900.0)
+    args = parser.parse_args(argv)
+
+    socket_path = args.dir / SOCKET_NAME
+    key = (args.dir / KEY_NAME).read_bytes()
+    old_umask = os.umask(0o177)  # the socket file itself: owner read/write only
+    listener = Listener(str(socket_path), family="AF_UNIX", authkey=key)
+    os.umask(old_umask)
+    (args.dir / PID_NAME).write_text(str(os.getpid()))
+    print(f"worker {os.getpid()} serving {socket_path}, watching pid {args.watch_pid}", flush=True)
+
+    last_request = [time.monotonic()]
+    busy = threading.Lock()
+
+    def stop(reason: str, clean: bool = False) -> None:
+        print(f"worker {os.getpid()} exiting: {reason}", flush=True)
+        # A clean end removes the directory; otherwise its log stays for a post-mortem.
+        if clean:
+            shutil.rmtree(args.dir, ignore_errors=True)
+        else:
+            socket_path.unlink(missing_ok=True)
+        os._exit(0)
+
+    def watchdog() -> None:
+        while True:
+            time.sleep(1.0)
+            if not _pid_alive(args.watch_pid):
+                stop(f"node process {args.watch_pid} is gone")
+            if not busy.locked() and time.monotonic() - last_request[0] > args.idle_timeout:
+                stop(f"no request for {args.idle_timeout:.0f}s")
+
+    threading.Thread(target=watchdog, daemon=True).start()
+
+    worker = Worker()
+    while True:
+        try:
+            conn = listener.accept()
+        except Exception as err:  # noqa: BLE001 - a failed handshake must not kill the worker
+            print(f"rejected a connection: {err!r}", flush=True)
+            continue
+        with conn, busy:
+            try:
+                request = conn.recv()
+            except EOFError:
+                continue
+            last_request[0] = time.monotonic()
+            reply = worker.handle(request)
+            try:
+                conn.send(reply)
+            except OSError as err:
+                print(f"could not send the reply to '{request.get('kind')}': {err}", flush=True)
+            last_request[0] = time.monotonic()
+        if request.get("kind") == "shutdown":
+            stop("shutdown requested", clean=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""The ClientApp: a thin adapter between Flower messages and the node's persistent worker.
+
+In deployment Flower starts a fresh ClientApp process for every message and ends it after
+the reply (SPEC §5), so nothing that must survive a round can live here. This adapter finds
+(or starts) the node's worker process, hands it the round's message, and turns its answer
+into the reply. Simulation and deployment take exactly this path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.channel import WorkerHandle
+from fl_diloco.config import RunConfig
+from strategies.diloco import CONFIG_KEY, METRICS_KEY, OUTER_GRADIENT_KEY, PARAMS_KEY
+from strategies.wire import from_array_record, to_array_record
+
+SHUTDOWN_ACTION = "shutdown"
+
+
+def _node_partition(context: Context) -> tuple[int, int]:
+    try:
+        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except KeyError as err:
+        raise ValueError(
+            f"node config lacks {err}; start the SuperNode with "
+            "--node-config \"partition-id=<i> num-partitions=<M>\""
+        ) from None
+
+
+def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp whose run config is Flower's run config with `overrides` on top.
+
+    `flwr run` passes the config through `context.run_config`; the in-process launcher
+    (`fl-diloco train`) passes it as `overrides`, because Flower's Python simulation API
+    has no run-config argument.
+    """
+    app = ClientApp()
+
+    def run_config(context: Context) -> RunConfig:
+        return RunConfig.from_mapping({**dict(context.run_config), **dict(overrides or {})})
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        cfg = run_config(context)
+        partition_id, num_partitions = _node_partition(context)
+        worker = WorkerHandle(context.run_id, context.node_id)
+        # The parent of this process stands for the node: the SuperNode in deployment, the
+        # Ray raylet in simulation. The worker exits when it goes away.
+        worker.ensure_running(watch_pid=os.getppid(), idle_timeout=cfg.worker_idle_timeout)
+        answer = worker.call(
+            {
+                "kind": "train",
+                "round": int(msg.content[CONFIG_KEY]["round"]),
+                "run_config": cfg.to_dict(),
+                "partition_id": partition_id,
+                "num_partitions": num_partitions,
+                "device": context.node_config.get("device"),
+                "params": from_array_record(msg.content[PARAMS_KEY]),
+            },
+            timeout=cfg.round_timeout,
+        )
+        content = RecordDict({
+            OUTER_GRADIENT_KEY: to_array_record(answer["outer_gradient"]),
+            METRICS_KEY: MetricRecord(answer["metrics"]),
+        })
+        return Message(content=content, reply_to=msg)
+
+    @app.query(SHUTDOWN_ACTION)
+    def shutdown(msg: Message, context: Context) -> Message:
+        worker = WorkerHandle(context.run_id, context.node_id)
+        stopped = worker.is_running()
+        if stopped:
+            worker.call({"kind": "shutdown"}, timeout=30)
+        return Message(content=RecordDict({METRICS_KEY: MetricRecord({"stopped": int(stopped)})}),
+                       reply_to=msg)
+
+    return app
+
+
+app = make_client_app()

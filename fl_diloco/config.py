@@ -1,0 +1,215 @@
+"""Run configuration: one dataclass that every entry point validates against.
+
+`flwr run . --run-config`, the Hydra configs under `conf/` and the `fl-diloco` CLI all end
+up in `RunConfig.from_mapping`, so a key means the same thing everywhere and a typo fails
+before any training starts. The defaults here are the single source of truth: the test
+suite checks that `[tool.flwr.app.config]` in pyproject.toml and `conf/config.yaml` repeat
+them exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+ALGORITHMS = ("diloco", "dp")
+WEIGHTINGS = ("uniform", "tokens")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # What to run.
+    algorithm: str = "diloco"
+    model: str = "tiny"
+    num_clients: int = 4
+    inner_steps: int = 30
+    rounds: int = 20
+    seed: int = 0
+
+    # Data (see fl_diloco.data.DataConfig).
+    data_source: str = "shakespeare"
+    text_column: str = "text"
+    vocab_size: int = 4096
+    seq_len: int = 128
+    batch_size: int = 8
+    val_fraction: float = 0.05
+    max_documents: int = 0  # 0 = use every document
+
+    # Inner optimizer: AdamW with linear warmup, then cosine decay over the run's inner steps.
+    inner_lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+
+    # Outer optimizer: Nesterov SGD in torch.optim.SGD's parameterisation.
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    weighting: str = "uniform"
+
+    # Evaluation and outputs.
+    eval_every: int = 5
+    eval_sequences: int = 256
+    out_dir: str = ""  # "" = ./runs/<algorithm>-<timestamp>, made absolute at start
+
+    # Runtime.
+    device: str = "auto"
+    threads_per_worker: int = 0  # 0 = share the machine's cores among the workers
+    round_timeout: float = 600.0
+    node_wait_timeout: float = 120.0
+    worker_idle_timeout: float = 900.0
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build and validate a config; unknown keys and bad values raise ConfigError."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for raw_key, value in values.items():
+            key = str(raw_key).replace("-", "_")
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                raise ConfigError(
+                    f"unknown config key '{raw_key}'.{hint} Valid keys: {', '.join(known)}"
+                )
+            kwargs[key] = _coerce(key, value, known[key].type)
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return RunConfig.from_mapping({**self.to_dict(), **changes})
+
+    def validate(self) -> None:
+        _choice("algorithm", self.algorithm, ALGORITHMS)
+        _choice("weighting", self.weighting, WEIGHTINGS)
+        _choice("device", self.device.split(":")[0], DEVICES)
+        from fl_diloco.model import PRESETS  # local import: keeps config importable alone
+
+        if self.model not in PRESETS and self.model not in MODEL_ALIASES:
+            allowed = sorted([*PRESETS, *MODEL_ALIASES])
+            raise ConfigError(
+                f"model='{self.model}' is not a known preset; choose one of: {', '.join(allowed)}"
+            )
+        for key in ("num_clients", "inner_steps", "rounds", "vocab_size", "seq_len",
+                    "batch_size", "eval_every", "eval_sequences"):
+            _at_least(key, getattr(self, key), 1)
+        for key in ("warmup_steps", "max_documents", "threads_per_worker"):
+            _at_least(key, getattr(self, key), 0)
+        _at_least("vocab_size", self.vocab_size, 257)  # byte-level BPE needs the 256 bytes
+        for key in ("inner_lr", "outer_lr", "round_timeout", "node_wait_timeout",
+                    "worker_idle_timeout"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
+        for key in ("min_lr_ratio", "beta1", "beta2", "outer_momentum", "weight_decay"):
+            if not 0.0 <= getattr(self, key) < 1.0 + (key == "min_lr_ratio"):
+                raise ConfigError(f"{key} must be in [0, 1), got {getattr(self, key)}")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ConfigError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"grad_clip must be >= 0 (0 disables it), got {self.grad_clip}")
+        if self.out_dir and not os.path.isabs(self.out_dir):
+            raise ConfigError(
+                f"out_dir must be an absolute path (the ServerApp's working directory "
+                f"differs between simulation and deployment), got '{self.out_dir}'"
+            )
+
+    # Derived values, computed here once so every module agrees on them.
+    @property
+    def model_preset(self) -> str:
+        return MODEL_ALIASES.get(self.model, self.model)
+
+    @property
+    def total_inner_steps(self) -> int:
+        return self.rounds * self.inner_steps
+
+    def data_config(self) -> Any:
+        from fl_diloco.data import DataConfig
+
+        return DataConfig(
+            source=self.data_source,
+            text_column=self.text_column,
+            vocab_size=self.vocab_size,
+            seq_len=self.seq_len,
+            val_fraction=self.val_fraction,
+            seed=self.seed,
+            max_documents=self.max_documents or None,
+        )
+
+
+# Short names for the presets a CPU user reaches for first.
+MODEL_ALIASES = {"tiny": "tiny-1m", "small": "tiny-10m"}
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _coerce(key: str, value: Any, type_name: Any) -> Any:
+    target = _TYPES[type_name if isinstance(type_name, str) else type_name.__name__]
+    if target is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        if isinstance(value, (bool, int)):
+            return bool(value)
+    elif target is int:
+        if isinstance(value, bool):
+            pass
+        elif isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+            return int(value)
+        elif isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif target is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif target is str:
+        return str(value)
+    raise ConfigError(f"{key} must be of type {target.__name__}, got {value!r}")
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}='{value}' is not allowed; choose one of: {', '.join(allowed)}")
+
+
+def _at_least(key: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise ConfigError(f"{key} must be >= {minimum}, got {value}")
+
+
+def resolve_device(device: str) -> str:
+    """Map `auto` to CUDA when present; reject an explicit CUDA request on a CPU machine."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device='{device}' but CUDA is not available here; use device=auto or cpu")
+    return device
+
+
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(RunConfig)}

@@ -1,0 +1,154 @@
+"""What a run tells the person who started it: a line per round, metrics.jsonl,
+summary.json, a final table and a PNG of loss against tokens."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+SUMMARY_NAME = "summary.json"
+METRICS_NAME = "metrics.jsonl"
+PLOT_NAME = "loss_vs_tokens.png"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.1f}{unit}" if unit != "B" else f"{int(n)}B"
+        n /= 1000
+    return f"{n:.1f}TB"
+
+
+def _fmt(x: float | None, spec: str = ".4f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+class RunLog:
+    """Appends one JSON object per round to metrics.jsonl and prints a readable line."""
+
+    def __init__(self, out_dir: Path, total_rounds: int) -> None:
+        self.path = out_dir / METRICS_NAME
+        self.path.write_text("")
+        self.total_rounds = total_rounds
+        self.records: list[dict[str, Any]] = []
+        self.started = time.perf_counter()
+
+    def log(self, record: dict[str, Any]) -> None:
+        record = {**record, "wall_seconds": time.perf_counter() - self.started}
+        self.records.append(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(
+            f"[round {record['round']:>3}/{self.total_rounds}] "
+            f"train_loss {_fmt(record.get('train_loss'))}  "
+            f"eval_loss {_fmt(record.get('eval_loss'))}  "
+            f"tokens/s {_fmt(record.get('tokens_per_second'), '.0f')}  "
+            f"up {_fmt_bytes(record.get('bytes_up', 0))}  down {_fmt_bytes(record.get('bytes_down', 0))}"
+            + (f"  rejected {record['rejected']}" if record.get("rejected") else ""),
+            flush=True,
+        )
+
+
+def write_summary(out_dir: Path, summary: dict[str, Any]) -> Path:
+    path = out_dir / SUMMARY_NAME
+    path.write_text(json.dumps(summary, indent=2))
+    return path
+
+
+def print_summary_table(summary: dict[str, Any]) -> None:
+    rows = [
+        ("algorithm", summary["algorithm"]),
+        ("clients x inner steps x rounds",
+         f"{summary['num_clients']} x {summary['inner_steps']} x {summary['rounds']}"),
+        ("tokens", f"{summary['tokens']:,}"),
+        ("eval loss first -> final", f"{_fmt(summary['first_eval_loss'])} -> {_fmt(summary['final_eval_loss'])}"),
+        ("unigram entropy (nats/token)", _fmt(summary.get("unigram_entropy"))),
+        ("wall seconds", _fmt(summary["wall_seconds"], ".1f")),
+        ("compute / idle seconds (all workers)",
+         f"{_fmt(summary['compute_seconds'], '.1f')} / {_fmt(summary['idle_seconds'], '.1f')}"),
+        ("bytes up / down", f"{_fmt_bytes(summary['bytes_up'])} / {_fmt_bytes(summary['bytes_down'])}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n" + "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows) + "\n", flush=True)
+
+
+def plot_loss_vs_tokens(out_dir: Path, records: list[dict[str, Any]], title: str) -> Path:
+    """Train and eval loss against tokens processed; returns the PNG's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    train = [(r["tokens_total"], r["train_loss"]) for r in records
+             if r.get("train_loss") is not None and not math.isnan(r["train_loss"])]
+    evals = [(r["tokens_total"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
+    if train:
+        ax.plot(*zip(*train), label="train loss (workers' mean)", alpha=0.7)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss (held-out)")
+    ax.set_xlabel("tokens processed (all workers)")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = out_dir / PLOT_NAME
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def finish_run(out_dir: Path, algorithm: str, cfg: Any, run_log: RunLog, *, compute_seconds: float,
+               idle_seconds: float, bytes_up: int, bytes_down: int, extra: dict[str, Any] | None = None
+               ) -> dict[str, Any]:
+    """Write summary.json and the loss plot, print the final table; returns the summary.
+
+    Every runner (DiLoCo on Flower, the data-parallel baseline) ends here, so their
+    summaries have the same fields and can be compared row by row.
+    """
+    evals = [r for r in run_log.records if r.get("eval_loss") is not None]
+    wall = time.perf_counter() - run_log.started
+    summary = {
+        "algorithm": algorithm,
+        "num_clients": cfg.num_clients,
+        "inner_steps": cfg.inner_steps,
+        "rounds": cfg.rounds,
+        "tokens": run_log.records[-1]["tokens_total"] if run_log.records else 0,
+        "first_eval_loss": evals[0]["eval_loss"] if evals else None,
+        "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "wall_seconds": wall,
+        "compute_seconds": compute_seconds,
+        "idle_seconds": idle_seconds,
+        # Compute utilization: the workers' computing time over the time they existed for.
+        "compute_utilization": compute_seconds / (compute_seconds + idle_seconds)
+        if compute_seconds + idle_seconds > 0 else None,
+        "bytes_up": bytes_up,
+        "bytes_down": bytes_down,
+        "out_dir": str(out_dir),
+        **(extra or {}),
+        "eval_history": [{"round": r["round"], "tokens": r["tokens_total"], "eval_loss": r["eval_loss"]}
+                         for r in evals],
+        "config": cfg.to_dict(),
+    }
+    write_summary(out_dir, summary)
+    plot_loss_vs_tokens(out_dir, run_log.records, f"{algorithm}: {cfg.model}, M={cfg.num_clients}, H={cfg.inner_steps}")
+    print_summary_table(summary)
+    print(f"outputs in {out_dir}: {SUMMARY_NAME}, {METRICS_NAME}, {PLOT_NAME}, checkpoint/", flush=True)
+    return summary
+
+
+def default_out_dir(algorithm: str) -> str:
+    """./runs/<algorithm>-<timestamp>, absolute: where a run writes when out_dir is unset."""
+    return str(Path.cwd() / "runs" / f"{algorithm}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def prepare_out_dir(cfg: Any) -> Path:
+    """The run's output directory (absolute), with the resolved config written into it."""
+    out_dir = Path(cfg.out_dir or default_out_dir(cfg.algorithm))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    return out_dir.resolve()

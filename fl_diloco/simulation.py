@@ -1,0 +1,48 @@
+"""Run one Flower simulation in this process (what `fl-diloco train` does).
+
+The ServerApp and ClientApp are the same ones `flwr run .` loads; only the run config
+reaches them differently (baked into the apps, since Flower's Python simulation API takes
+no run config).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from clients.channel import VISIBLE_GPUS_ENV
+from fl_diloco.client_app import make_client_app
+from fl_diloco.config import RunConfig
+from fl_diloco.reporting import SUMMARY_NAME, default_out_dir
+from fl_diloco.server_app import make_server_app
+
+
+def simulate(cfg: RunConfig) -> dict[str, Any]:
+    """Train `cfg` with `num_clients` simulated SuperNodes; returns summary.json's content."""
+    from flwr.simulation import run_simulation
+
+    if not cfg.out_dir:
+        cfg = cfg.replace(out_dir=default_out_dir(cfg.algorithm))
+    # Remember which GPUs exist before Ray hides them from the (GPU-less) ClientApps; the
+    # workers they start get them back (see clients.channel).
+    os.environ.setdefault(VISIBLE_GPUS_ENV, os.environ.get("CUDA_VISIBLE_DEVICES", "all"))
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    overrides = cfg.to_dict()
+    run_simulation(
+        server_app=make_server_app(overrides),
+        client_app=make_client_app(overrides),
+        num_supernodes=cfg.num_clients,
+        backend_config={
+            # The adapters only wait on their workers, so all M run at once; the workers
+            # share the real cores (see clients.worker.worker_threads).
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": max(cfg.num_clients, os.cpu_count() or 1),
+                          "logging_level": "ERROR", "log_to_driver": True},
+        },
+    )
+    summary_path = Path(cfg.out_dir) / SUMMARY_NAME
+    if not summary_path.exists():
+        raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
+    return json.loads(summary_path.read_text())

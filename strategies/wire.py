@@ -1,0 +1,34 @@
+"""Tensors on and off Flower records, and the bytes they really take on the wire."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+from strategies.outer_optimizer import Tensors
+
+
+def to_array_record(tensors: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(np.asarray(t))) for name, t in tensors.items()})
+
+
+def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def to_tensors(arrays: Mapping[str, np.ndarray]) -> Tensors:
+    return {name: torch.from_numpy(np.array(a, dtype=np.float32, copy=True)) for name, a in arrays.items()}
+
+
+def serialized_bytes(content: RecordDict) -> int:
+    """Bytes of a message's content as Flower serializes it.
+
+    Flower sends a record as a tree of objects (records, arrays, array chunks), each
+    deflated on its own and deduplicated by content hash; summing the deflated size of
+    every distinct object is what actually crosses the link.
+    """
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())

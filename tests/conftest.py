@@ -1,0 +1,28 @@
+"""Shared fixtures: a small, fast run config and a per-session corpus cache."""
+
+import os
+
+import pytest
+
+from fl_diloco.config import RunConfig
+
+
+@pytest.fixture(scope="session", autouse=True)
+def corpus_cache(tmp_path_factory):
+    # One tokenizer/token cache for the whole session (or the user's, if they set one),
+    # so every test after the first loads the corpus in well under a second.
+    if "FL_DILOCO_CACHE" not in os.environ:
+        os.environ["FL_DILOCO_CACHE"] = str(tmp_path_factory.mktemp("corpus-cache"))
+    # Worker processes started by tests keep their sockets inside the test's temp tree.
+    os.environ["FL_DILOCO_RUNTIME_DIR"] = str(tmp_path_factory.mktemp("runtime"))
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    yield
+
+
+def small_config(tmp_path, **overrides) -> RunConfig:
+    """A config that trains for seconds: tiny model, short sequences, few documents."""
+    values = dict(model="tiny", num_clients=2, inner_steps=4, rounds=3, batch_size=4, seq_len=32,
+                  max_documents=150, eval_sequences=32, eval_every=1, warmup_steps=2,
+                  inner_lr=3e-3, threads_per_worker=1, out_dir=str(tmp_path / "run"))
+    values.update(overrides)
+    return RunConfig.from_mapping(values)

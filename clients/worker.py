@@ -17,7 +17,7 @@ import torch
 
 from clients.inner_loop import InnerTrainer
 from fl_diloco.config import RunConfig, resolve_device
-from fl_diloco.data import BatchStream, load_corpus
+from fl_diloco.data import BatchStream, Corpus, load_corpus
 from fl_diloco.model import Transformer, model_config
 
 
@@ -28,12 +28,16 @@ def worker_threads(cfg: RunConfig) -> int:
     return max(1, (os.cpu_count() or 1) // cfg.num_clients)
 
 
+def worker_stream(cfg: RunConfig, corpus: Corpus, partition_id: int, num_partitions: int) -> BatchStream:
+    """Worker `partition_id`'s batches: its own shard, walked in its own reproducible order."""
+    return BatchStream(corpus.train_sequences(partition_id, num_partitions), cfg.batch_size,
+                       seed=cfg.seed * 1000 + partition_id)
+
+
 def build_trainer(cfg: RunConfig, partition_id: int, num_partitions: int, device: str) -> InnerTrainer:
     """The worker's resident state: its shard's stream, the model and the inner optimizer."""
     corpus = load_corpus(cfg.data_config())
-    sequences = corpus.train_sequences(partition_id, num_partitions)
-    # Each worker walks its own shard in its own order; the seed keeps that reproducible.
-    stream = BatchStream(sequences, cfg.batch_size, seed=cfg.seed * 1000 + partition_id)
+    stream = worker_stream(cfg, corpus, partition_id, num_partitions)
     torch.manual_seed(cfg.seed)
     model = Transformer(model_config(cfg.model_preset, vocab_size=corpus.vocab_size, seq_len=cfg.seq_len))
     return InnerTrainer(model, stream, cfg, device)

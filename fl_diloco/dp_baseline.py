@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from clients.inner_loop import clip_and_step, inner_lr_at, make_inner_optimizer
+from clients.worker import worker_stream
 from fl_diloco.checkpoint import save_checkpoint
 from fl_diloco.config import RunConfig, resolve_device
 from fl_diloco.data import BatchStream, Corpus, load_corpus
@@ -63,11 +64,7 @@ def modelled_bytes(num_clients: int, steps: int, num_params: int) -> int:
 
 def worker_streams(cfg: RunConfig, corpus: Corpus) -> list[BatchStream]:
     """The M shards' streams, each with the seed DiLoCo worker m uses (clients/worker.py)."""
-    m_total = cfg.num_clients
-    return [
-        BatchStream(corpus.train_sequences(m, m_total), cfg.batch_size, seed=cfg.seed * 1000 + m)
-        for m in range(m_total)
-    ]
+    return [worker_stream(cfg, corpus, m, cfg.num_clients) for m in range(cfg.num_clients)]
 
 
 def accumulate_mean_gradient(model: torch.nn.Module,

@@ -75,7 +75,8 @@ def print_summary_table(summary: dict[str, Any]) -> None:
     print("\n" + "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows) + "\n", flush=True)
 
 
-def plot_loss_vs_tokens(out_dir: Path, records: list[dict[str, Any]], title: str) -> Path:
+def plot_loss_vs_tokens(out_dir: Path, records: list[dict[str, Any]], title: str,
+                        unigram_entropy: float | None = None) -> Path:
     """Train and eval loss against tokens processed; returns the PNG's path."""
     import matplotlib
 
@@ -90,6 +91,8 @@ def plot_loss_vs_tokens(out_dir: Path, records: list[dict[str, Any]], title: str
         ax.plot(*zip(*train), label="train loss (workers' mean)", alpha=0.7)
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss (held-out)")
+    if unigram_entropy is not None:
+        ax.axhline(unigram_entropy, color="gray", ls="--", lw=1, label="unigram entropy (no context)")
     ax.set_xlabel("tokens processed (all workers)")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title)
@@ -135,7 +138,9 @@ def finish_run(out_dir: Path, algorithm: str, cfg: Any, run_log: RunLog, *, comp
         "config": cfg.to_dict(),
     }
     write_summary(out_dir, summary)
-    plot_loss_vs_tokens(out_dir, run_log.records, f"{algorithm}: {cfg.model}, M={cfg.num_clients}, H={cfg.inner_steps}")
+    plot_loss_vs_tokens(out_dir, run_log.records,
+                        f"{algorithm}: {cfg.model}, M={cfg.num_clients}, H={cfg.inner_steps}",
+                        summary.get("unigram_entropy"))
     print_summary_table(summary)
     print(f"outputs in {out_dir}: {SUMMARY_NAME}, {METRICS_NAME}, {PLOT_NAME}, checkpoint/", flush=True)
     return summary

@@ -105,6 +105,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         strategy.aggregate_train(server_round, replies)
         stats = strategy.history[-1]
         tokens_total += stats.tokens
+        round_seconds = time.perf_counter() - began  # before evaluating: training throughput
         due = server_round % cfg.eval_every == 0 or server_round == cfg.rounds
         run_log.log({
             "round": server_round,
@@ -112,7 +113,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
             "eval_loss": eval_params(strategy.params) if due else None,
             "tokens": stats.tokens,
             "tokens_total": tokens_total,
-            "tokens_per_second": stats.tokens / (time.perf_counter() - began),
+            "tokens_per_second": stats.tokens / round_seconds,
             "participants": stats.participants,
             "rejected": stats.rejected,
             "compute_seconds": stats.compute_seconds,

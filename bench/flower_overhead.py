@@ -19,12 +19,12 @@ same outer Nesterov step) are timed in this one invocation:
 What is measured:
 
 * Flower training throughput = tokens of rounds 1..R / time of rounds 1..R, taken from the
-  run's ``metrics.jsonl`` (``wall_seconds`` of round R minus that of round 0). That span
-  INCLUDES the workers' start-up in round 1 (process spawn, imports, corpus load, model
-  build) and the server's final evaluation in round R; neither is subtracted. The plain
-  side's trainers are built outside its clock, and it runs no evaluation. The table also
-  shows a "steady state" figure over rounds 2..R-1 (when R >= 3), which leaves both of
-  those out, so you can see how much of the gap they make.
+  run's ``metrics.jsonl`` (``wall_seconds`` of round R minus that of round 0). The server
+  starts the workers and has them build their model and data before round 1 (as the plain
+  side builds its trainers outside its clock), and the span INCLUDES the server's final
+  evaluation in round R, which is not subtracted; the plain side runs no evaluation. The
+  table also shows a "steady state" figure over rounds 2..R-1 (when R >= 3), which leaves
+  the first and last rounds out, so you can see how much of the gap they make.
 * Flower end-to-end wall time (Ray start, corpus load, initial eval, rounds, shutdown,
   checkpoint and plot) is reported separately and used in no ratio.
 * Plain throughput = tokens / wall time of its loop.
@@ -40,8 +40,13 @@ request (it includes waiting for the slower worker, server aggregation and messa
 passing; round 1 has no idle time by definition, so the mean is over rounds 2..R).
 
 Absolute numbers depend on the machine and on whatever else shares its cores; both sides
-run in the same invocation, so compare the ratio. The LAST line of stdout is one JSON
-object with the figures.
+run in the same invocation, so compare the ratio. On cores shared with other work the
+plain side suffers most: one process with ``cpu_count`` torch threads slows down badly
+whenever one of its threads is descheduled, while the Flower workers run one thread each.
+The "fastest round" line (fastest plain round vs fastest Flower round among rounds
+2..R-1, each with the same tokens) is the figure least disturbed by such load; if it and
+the main ratio disagree a lot, the machine was busy, and the main ratio is not to be
+trusted. The LAST line of stdout is one JSON object with the figures.
 
 Usage:
     python bench/flower_overhead.py [--rounds 4 --inner-steps 50 --num-clients 2
@@ -229,8 +234,6 @@ def report(cfg: RunConfig, flower: dict | None, plain: dict | None) -> dict:
             c_w = r["compute"] / max(1, r["participants"])
             i_w = r["idle"] / max(1, r["participants"])
             note = []
-            if r["round"] == 1:
-                note.append("includes worker start-up")
             if r["eval"]:
                 note.append("includes final eval")
             if r["rejected"] or r["participants"] != m_count:
@@ -248,6 +251,9 @@ def report(cfg: RunConfig, flower: dict | None, plain: dict | None) -> dict:
 
     idle_per_worker = None
     steady_tps = steady_ratio = None
+    best_flower = best_plain = best_ratio = None
+    if plain:
+        best_plain = min(plain["round_seconds"])
     if flower:
         later = [r for r in flower["per_round"] if r["round"] >= 2]
         if later:
@@ -256,6 +262,10 @@ def report(cfg: RunConfig, flower: dict | None, plain: dict | None) -> dict:
         if middle:
             steady_tps = _rate(sum(r["tokens"] for r in middle), sum(r["wall"] for r in middle))
             steady_ratio = steady_tps / plain_tps if steady_tps and plain_tps else None
+        if middle:
+            best_flower = min(r["wall"] for r in middle)
+            # Every round has the same tokens on both sides, so round times compare directly.
+            best_ratio = best_plain / best_flower if best_plain and best_flower else None
         if flower["tokens"] != (plain["tokens"] if plain else flower["tokens"]):
             print(f"\nWARNING: token counts differ: flower {flower['tokens']}, plain {plain['tokens']}")
 
@@ -266,7 +276,7 @@ def report(cfg: RunConfig, flower: dict | None, plain: dict | None) -> dict:
                           f"plain {out['plain_threads']}"),
         ("tokens", f"flower {flower['tokens'] if flower else '-'}, plain {plain['tokens'] if plain else '-'}"),
         ("flower rounds 1..R seconds", _f(flower["rounds_seconds"] if flower else None)
-         + "  (incl. worker start-up in round 1 and the final eval in round R)"),
+         + "  (incl. the final eval in round R)"),
         ("plain loop seconds", _f(plain["wall_seconds"] if plain else None)),
         ("flower tokens/s", _f(flower_tps, ".0f")),
         ("plain tokens/s", _f(plain_tps, ".0f")),
@@ -275,7 +285,10 @@ def report(cfg: RunConfig, flower: dict | None, plain: dict | None) -> dict:
         ("flower overhead per round (s)", _f(overhead)),
         ("idle per worker per round (s)", _f(idle_per_worker) + "  (mean over rounds 2..R)"),
         ("steady state (rounds 2..R-1)", f"flower {_f(steady_tps, '.0f')} tokens/s, ratio "
-                                         f"{_f(steady_ratio, '.3f')}  (no start-up, no eval)"),
+                                         f"{_f(steady_ratio, '.3f')}  (no first round, no eval)"),
+        ("fastest round flower / plain (s)", f"{_f(best_flower)} / {_f(best_plain)}, ratio "
+                                             f"{_f(best_ratio, '.3f')}  (flower: rounds 2..R-1; "
+                                             "least disturbed by other load)"),
         ("flower end-to-end seconds", _f(flower["end_to_end_seconds"] if flower else None)
          + "  (not used in the ratio)"),
     ]
@@ -295,8 +308,11 @@ def report(cfg: RunConfig, flower: dict | None, plain: dict | None) -> dict:
         "idle_per_worker_s": idle_per_worker,
         "steady_flower_tokens_per_s": steady_tps,
         "steady_ratio": steady_ratio,
+        "best_flower_round_s": best_flower,
+        "best_plain_round_s": best_plain,
+        "best_round_ratio": best_ratio,
         "end_to_end_seconds": flower["end_to_end_seconds"] if flower else None,
-        "flower_timed_region": "rounds 1..R incl. worker start-up and final eval",
+        "flower_timed_region": "rounds 1..R incl. the final eval (workers started before round 1)",
         "flower_per_round": [{k: r[k] for k in ("round", "wall", "compute", "idle")}
                              for r in flower["per_round"]] if flower else None,
         "out_dir": cfg.out_dir if flower else None,

@@ -57,6 +57,10 @@ class Worker:
             kind = request.get("kind")
             if kind == "ping":
                 return {"ok": True, "pid": os.getpid()}
+            if kind == "prepare":
+                self._ensure_trainer(request)
+                self.last_reply_at = time.perf_counter()  # ready: waiting from here on is idle
+                return {"ok": True}
             if kind == "train":
                 return self.train(request)
             if kind == "shutdown":
@@ -65,11 +69,8 @@ class Worker:
         except Exception:  # noqa: BLE001 - the adapter reports it with the node id
             return {"error": traceback.format_exc()}
 
-    def train(self, request: dict[str, Any]) -> dict[str, Any]:
-        received_at = time.perf_counter()
-        round_ = int(request["round"])
-        if round_ == self.last_round and self.last_reply is not None:
-            return self.last_reply  # the adapter retried a round we already trained
+    def _ensure_trainer(self, request: dict[str, Any]) -> RunConfig:
+        """Build the resident trainer on first use; afterwards only check it is the same shard."""
         cfg = RunConfig.from_mapping(request["run_config"])
         partition = (int(request["partition_id"]), int(request["num_partitions"]))
         if self.trainer is None:
@@ -79,7 +80,15 @@ class Worker:
             self.trainer = build_trainer(cfg, *partition, device)
             self.partition = partition
         elif partition != self.partition:
-            raise ValueError(f"worker holds partition {self.partition} but round {round_} asked for {partition}")
+            raise ValueError(f"worker holds partition {self.partition} but was asked for {partition}")
+        return cfg
+
+    def train(self, request: dict[str, Any]) -> dict[str, Any]:
+        received_at = time.perf_counter()
+        round_ = int(request["round"])
+        if round_ == self.last_round and self.last_reply is not None:
+            return self.last_reply  # the adapter retried a round we already trained
+        cfg = self._ensure_trainer(request)
         # Time spent waiting for the server since our last reply: what overlap variants hide.
         idle = 0.0 if self.last_reply_at is None else received_at - self.last_reply_at
 
@@ -93,7 +102,7 @@ class Worker:
                 "compute_seconds": result.compute_seconds,
                 "idle_seconds": idle,
                 "inner_step": self.trainer.step,
-                "partition_id": partition[0],
+                "partition_id": self.partition[0],
             },
         }
         self.last_round, self.last_reply = round_, reply

@@ -20,6 +20,7 @@ from fl_diloco.config import RunConfig
 from strategies.diloco import CONFIG_KEY, METRICS_KEY, OUTER_GRADIENT_KEY, PARAMS_KEY
 from strategies.wire import from_array_record, to_array_record
 
+PREPARE_ACTION = "prepare"
 SHUTDOWN_ACTION = "shutdown"
 
 
@@ -45,26 +46,29 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     def run_config(context: Context) -> RunConfig:
         return RunConfig.from_mapping({**dict(context.run_config), **dict(overrides or {})})
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
+    def call_worker(context: Context, kind: str, **fields: Any) -> dict[str, Any]:
         cfg = run_config(context)
         partition_id, num_partitions = _node_partition(context)
         worker = WorkerHandle(context.run_id, context.node_id)
         # The parent of this process stands for the node: the SuperNode in deployment, the
         # Ray raylet in simulation. The worker exits when it goes away.
         worker.ensure_running(watch_pid=os.getppid(), idle_timeout=cfg.worker_idle_timeout)
-        answer = worker.call(
-            {
-                "kind": "train",
-                "round": int(msg.content[CONFIG_KEY]["round"]),
-                "run_config": cfg.to_dict(),
-                "partition_id": partition_id,
-                "num_partitions": num_partitions,
-                "device": context.node_config.get("device"),
-                "params": from_array_record(msg.content[PARAMS_KEY]),
-            },
-            timeout=cfg.round_timeout,
-        )
+        request = {"kind": kind, "run_config": cfg.to_dict(), "partition_id": partition_id,
+                   "num_partitions": num_partitions, "device": context.node_config.get("device"),
+                   **fields}
+        return worker.call(request, timeout=cfg.round_timeout)
+
+    @app.query(PREPARE_ACTION)
+    def prepare(msg: Message, context: Context) -> Message:
+        """Start the worker and build its model and data before round 1, so that round
+        timings measure training, not start-up."""
+        call_worker(context, "prepare")
+        return Message(content=RecordDict({METRICS_KEY: MetricRecord({"ready": 1})}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        answer = call_worker(context, "train", round=int(msg.content[CONFIG_KEY]["round"]),
+                             params=from_array_record(msg.content[PARAMS_KEY]))
         content = RecordDict({
             OUTER_GRADIENT_KEY: to_array_record(answer["outer_gradient"]),
             METRICS_KEY: MetricRecord(answer["metrics"]),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any
 
 import torch
@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from fl_diloco.checkpoint import save_checkpoint
-from fl_diloco.client_app import SHUTDOWN_ACTION
+from fl_diloco.client_app import PREPARE_ACTION, SHUTDOWN_ACTION
 from fl_diloco.config import ConfigError, RunConfig, resolve_device
 from fl_diloco.data import Corpus, load_corpus
 from fl_diloco.evaluation import evaluate
@@ -45,16 +45,18 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-def shutdown_workers(grid: Grid, node_ids: list[int]) -> None:
-    """Ask every node's worker process to exit now rather than at its idle timeout."""
+def query_workers(grid: Grid, node_ids: list[int], action: str, timeout: float) -> list[int]:
+    """Send a `query.<action>` to every node; returns the nodes that did not confirm."""
     messages = [Message(content=RecordDict({"config": ConfigRecord({})}),
-                        message_type=f"{MessageType.QUERY}.{SHUTDOWN_ACTION}", dst_node_id=node)
+                        message_type=f"{MessageType.QUERY}.{action}", dst_node_id=node)
                 for node in node_ids]
-    replies = list(grid.send_and_receive(messages, timeout=60))
-    failed = [r.metadata.src_node_id for r in replies if r.has_error()]
-    if failed or len(replies) < len(node_ids):
-        log(INFO, "workers of nodes %s did not confirm shutdown; they exit on their idle timeout",
-            failed or "(no reply)")
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    for reply in replies:
+        if reply.has_error():
+            log(WARNING, "node %d could not %s its worker: %s", reply.metadata.src_node_id, action,
+                reply.error.reason)
+    confirmed = {r.metadata.src_node_id for r in replies if not r.has_error()}
+    return [node for node in node_ids if node not in confirmed]
 
 
 def check_partitions(corpus: Corpus, cfg: RunConfig) -> None:
@@ -94,6 +96,11 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
                       outer_lr=cfg.outer_lr, outer_momentum=cfg.outer_momentum,
                       weighting=cfg.weighting)
     strategy.summary()
+    setup_began = time.perf_counter()
+    not_ready = query_workers(grid, node_ids, PREPARE_ACTION, cfg.round_timeout)
+    if not_ready:
+        raise RuntimeError(f"the workers of nodes {not_ready} could not start; see the log above")
+    log(INFO, "%d workers ready in %.1fs", len(node_ids), time.perf_counter() - setup_began)
     run_log = RunLog(out_dir, cfg.rounds)
     run_log.log({"round": 0, "tokens_total": 0, "eval_loss": eval_params(strategy.params)})
 
@@ -123,7 +130,8 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
             "clients": stats.per_client,
         })
 
-    shutdown_workers(grid, node_ids)
+    if query_workers(grid, node_ids, SHUTDOWN_ACTION, timeout=60):
+        log(INFO, "some workers did not confirm shutdown; they exit at their idle timeout")
     save_checkpoint(out_dir / "checkpoint", strategy.params, cfg, model_cfg,
                     extra={"round": cfg.rounds, "tokens": tokens_total})
     history = strategy.history
@@ -134,6 +142,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         bytes_up=sum(s.bytes_up for s in history),
         bytes_down=sum(s.bytes_down for s in history),
         extra={"unigram_entropy": corpus.unigram_entropy(),
+               "worker_setup_seconds": run_log.started - setup_began,
                "num_parameters": sum(p.numel() for p in model.parameters()),
                "rejected_replies": sum(s.rejected for s in history)},
     )

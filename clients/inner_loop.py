@@ -17,7 +17,7 @@ import torch
 
 from fl_diloco.config import RunConfig
 from fl_diloco.data import BatchStream
-from fl_diloco.model import Transformer
+from fl_diloco.model import Transformer, load_parameters
 from strategies.outer_optimizer import Tensors, outer_gradient
 
 
@@ -84,10 +84,7 @@ class InnerTrainer:
         return {n: p.detach().float().cpu().clone() for n, p in self.model.named_parameters()}
 
     def load_parameters(self, params: dict[str, torch.Tensor | np.ndarray]) -> None:
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                value = params[name]
-                p.copy_(torch.as_tensor(value, dtype=p.dtype).to(self.device))
+        load_parameters(self.model, params)
 
     def train_step(self) -> float:
         """One inner AdamW step; returns the batch loss before the update."""

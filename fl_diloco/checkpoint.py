@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from fl_diloco.atomic import atomic_write
 from fl_diloco.config import RunConfig
 from fl_diloco.model import ModelConfig, Transformer
 
@@ -23,21 +23,15 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(directory: str | Path, params: dict[str, torch.Tensor], run_config: RunConfig,
                     model_config: ModelConfig, extra: dict | None = None) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {n: t.detach().float().cpu().contiguous() for n, t in params.items()}
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p)))
+    atomic_write(directory / WEIGHTS_NAME, lambda fh: fh.write(save(tensors)))
     meta = {"run_config": run_config.to_dict(), "model_config": dataclasses.asdict(model_config),
             **(extra or {})}
-    _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2)))
+    atomic_write(directory / CONFIG_NAME, lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
     return directory
 
 

@@ -158,36 +158,22 @@ class RunConfig:
 # Short names for the presets a CPU user reaches for first.
 MODEL_ALIASES = {"tiny": "tiny-1m", "small": "tiny-10m"}
 
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+_TYPES = {"int": int, "float": float, "str": str}
 
 
 def _coerce(key: str, value: Any, type_name: Any) -> Any:
+    """Accept a value of the field's type, or a string of it (CLI and Flower run config)."""
     target = _TYPES[type_name if isinstance(type_name, str) else type_name.__name__]
-    if target is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-            return value.lower() in ("true", "1")
-        if isinstance(value, (bool, int)):
-            return bool(value)
-    elif target is int:
-        if isinstance(value, bool):
-            pass
-        elif isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
-            return int(value)
-        elif isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-    elif target is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif target is str:
+    if target is str:
         return str(value)
+    if not isinstance(value, bool):  # True is an int to Python, never a count or a rate here
+        try:
+            number = target(value)
+            # 2.0 may stand for 2, but 2.5 must not be truncated into an int field.
+            if target is float or not isinstance(value, float) or value.is_integer():
+                return number
+        except (TypeError, ValueError):
+            pass
     raise ConfigError(f"{key} must be of type {target.__name__}, got {value!r}")
 
 

@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -39,6 +38,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from fl_diloco.atomic import atomic_write
 
 if TYPE_CHECKING:
     # Imported lazily at run time: torch and datasets take seconds to import, and the
@@ -478,24 +479,6 @@ def train_tokenizer(
     return tok
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write via a temp file in the same directory + os.replace, so readers never see a
-    half-written file even when several processes build the same cache at once."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        # mkstemp creates 0600 files; a shared cache dir should be readable by others.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 @contextlib.contextmanager
 def _build_lock(directory: Path) -> Iterator[None]:
     """Exclusive inter-process lock so only one of N concurrent processes tokenizes; the
@@ -598,13 +581,13 @@ def _build_cache(cfg: DataConfig, directory: Path, key: str) -> None:
         "vocab_size": tok.get_vocab_size(),
         "eos_id": eos_id,
     }
-    _atomic_write(directory / "tokenizer.json", lambda fh: fh.write(tok.to_str().encode()))
-    _atomic_write(directory / "tokens.npy", lambda fh: np.save(fh, tokens, allow_pickle=False))
-    _atomic_write(directory / "offsets.npy", lambda fh: np.save(fh, offsets, allow_pickle=False))
+    atomic_write(directory / "tokenizer.json", lambda fh: fh.write(tok.to_str().encode()))
+    atomic_write(directory / "tokens.npy", lambda fh: np.save(fh, tokens, allow_pickle=False))
+    atomic_write(directory / "offsets.npy", lambda fh: np.save(fh, offsets, allow_pickle=False))
     # meta.json last: it names the key the other files were built for, so a reader that
     # finds it also finds complete data files from a build of the same key. It holds no
     # timestamps, so concurrent builders write byte-identical caches.
-    _atomic_write(directory / "meta.json", lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
+    atomic_write(directory / "meta.json", lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
     logger.info(
         "Built corpus cache %s: %d documents, %d tokens, vocab %d in %.1fs",
         directory, n_docs, len(tokens), tok.get_vocab_size(), time.perf_counter() - t0,

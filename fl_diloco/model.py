@@ -25,13 +25,13 @@ No biases anywhere, as in Llama: they add parameters that do not help at this sc
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 
 # --------------------------------------------------------------------------------------
 # Configuration
@@ -399,3 +399,14 @@ def block_parameter_names(model: Transformer) -> list[list[str]]:
         [f"blocks.{i}.{name}" for name in block.state_dict().keys()]
         for i, block in enumerate(model.blocks)
     ]
+
+
+@torch.no_grad()
+def load_parameters(model: nn.Module, params: Mapping[str, Any]) -> None:
+    """Copy named tensors (torch or numpy, e.g. from the wire) into `model` in place.
+
+    Keyed by `named_parameters()`, so a shared embedding/head matrix is written once, and a
+    missing name is a KeyError rather than a silently stale weight.
+    """
+    for name, param in model.named_parameters():
+        param.copy_(torch.as_tensor(params[name], dtype=param.dtype).to(param.device))

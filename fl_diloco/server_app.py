@@ -23,7 +23,7 @@ from fl_diloco.client_app import PREPARE_ACTION, SHUTDOWN_ACTION
 from fl_diloco.config import ConfigError, RunConfig, resolve_device
 from fl_diloco.data import Corpus, load_corpus
 from fl_diloco.evaluation import evaluate
-from fl_diloco.model import Transformer, model_config
+from fl_diloco.model import Transformer, load_parameters, model_config
 from fl_diloco.reporting import RunLog, finish_run, prepare_out_dir
 from strategies.diloco import DiLoCo
 
@@ -88,7 +88,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     model = Transformer(model_cfg).to(device)
 
     def eval_params(params: Mapping[str, torch.Tensor]) -> float:
-        model.load_state_dict({n: p.to(device) for n, p in params.items()}, strict=False)
+        load_parameters(model, params)
         return evaluate(model, validation, cfg.batch_size, device)["eval_loss"]
 
     node_ids = wait_for_nodes(grid, cfg.num_clients, cfg.node_wait_timeout)

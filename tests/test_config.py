@@ -30,6 +30,8 @@ def test_hydra_config_repeats_the_dataclass_defaults():
     ({"algorithm": "fedavg"}, "algorithm='fedavg' is not allowed; choose one of: diloco"),
     ({"inner_step": 5}, "Did you mean 'inner_steps'"),
     ({"rounds": "many"}, "rounds must be of type int"),
+    ({"rounds": 2.5}, "rounds must be of type int"),
+    ({"rounds": True}, "rounds must be of type int"),
     ({"outer_momentum": 1.5}, "outer_momentum must be in [0, 1)"),
     ({"out_dir": "relative/path"}, "out_dir must be an absolute path"),
 ])
@@ -51,7 +53,7 @@ def test_cli_rejects_an_unknown_key_before_training(capsys):
     assert "Did you mean 'rounds'" in capsys.readouterr().err
 
 
-def test_more_partitions_than_documents_fails_before_training(tmp_path):
+def test_more_partitions_than_documents_is_an_error_naming_the_key(tmp_path):
     from fl_diloco.data import load_corpus
 
     cfg = RunConfig.from_mapping({"max_documents": 20, "num_clients": 64, "seq_len": 32})

@@ -55,3 +55,31 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="corrupt or incompatible"):
         load_checkpoint(tmp_path)
+
+
+def test_loading_parameters_refuses_a_missing_tensor():
+    from fl_diloco.model import Transformer, load_parameters, model_config
+
+    model = Transformer(model_config("tiny-1m", vocab_size=300, seq_len=16))
+    params = {n: p.detach().clone() + 1.0 for n, p in model.named_parameters()}
+    load_parameters(model, params)
+    assert all((p == params[n]).all() for n, p in model.named_parameters())
+    del params["norm.weight"]
+    with pytest.raises(KeyError, match="norm.weight"):
+        load_parameters(model, params)
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_file_whole(tmp_path):
+    from fl_diloco.atomic import atomic_write
+
+    target = tmp_path / "model.safetensors"
+    atomic_write(target, lambda fh: fh.write(b"good"))
+
+    def fail_midway(fh):
+        fh.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        atomic_write(target, fail_midway)
+    assert target.read_bytes() == b"good"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temp file left

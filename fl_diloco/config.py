@@ -16,7 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-ALGORITHMS = ("diloco", "dp")
+ALGORITHMS = ("dp", "diloco", "delayed", "eager")
+FRAGMENT_PATTERNS = ("strided", "sequential")
+WIRE_PRECISIONS = ("fp32", "bf16", "fp8", "fp4")
 WEIGHTINGS = ("uniform", "tokens")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -57,6 +59,20 @@ class RunConfig:
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     weighting: str = "uniform"
+
+    # Overlap variants (SPEC §2). `delay` is how many outer steps old the average is when
+    # `delayed` or `eager` applies it; `diloco` always waits for the fresh one.
+    delay: int = 1
+    # Streaming DiLoCo: P fragments, one synced every H/P inner steps (one Flower round each);
+    # the average is applied `overlap_steps` (τ) inner steps after the sync, then merged into
+    # the local copy as α·local + (1 − α)·global with α = `mixing`.
+    streaming: bool = False
+    fragments: int = 1
+    fragment_pattern: str = "strided"
+    overlap_steps: int = 0
+    mixing: float = 0.0
+    # Precision of outer gradients on the wire, both directions; the math stays fp32.
+    wire_precision: str = "fp32"
 
     # Evaluation and outputs.
     eval_every: int = 5
@@ -101,6 +117,8 @@ class RunConfig:
     def validate(self) -> None:
         _choice("algorithm", self.algorithm, ALGORITHMS)
         _choice("weighting", self.weighting, WEIGHTINGS)
+        _choice("fragment_pattern", self.fragment_pattern, FRAGMENT_PATTERNS)
+        _choice("wire_precision", self.wire_precision, WIRE_PRECISIONS)
         _choice("device", self.device.split(":")[0], DEVICES)
         from fl_diloco.model import PRESETS  # local import: keeps config importable alone
 
@@ -126,13 +144,70 @@ class RunConfig:
             raise ConfigError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
         if self.grad_clip < 0:
             raise ConfigError(f"grad_clip must be >= 0 (0 disables it), got {self.grad_clip}")
+        self._validate_overlap()
         if self.out_dir and not os.path.isabs(self.out_dir):
             raise ConfigError(
                 f"out_dir must be an absolute path (the ServerApp's working directory "
                 f"differs between simulation and deployment), got '{self.out_dir}'"
             )
 
+    def _validate_overlap(self) -> None:
+        if self.algorithm in ("delayed", "eager") and self.delay not in (1, 2):
+            raise ConfigError(f"delay must be 1 or 2 outer steps for algorithm={self.algorithm}, "
+                              f"got {self.delay}")
+        if self.algorithm == "eager" and self.weighting != "uniform":
+            raise ConfigError("algorithm=eager mixes its fresh outer gradient with weight 1/M, so it "
+                              "needs weighting=uniform (every worker trains the same tokens per "
+                              "phase, so token weights would be uniform anyway)")
+        if not self.streaming:
+            for key, neutral in (("fragments", 1), ("overlap_steps", 0), ("mixing", 0.0)):
+                if getattr(self, key) != neutral:
+                    raise ConfigError(f"{key}={getattr(self, key)} needs streaming=true "
+                                      f"(or leave it at {neutral})")
+            return
+        if self.algorithm == "dp":
+            raise ConfigError("streaming=true does not apply to algorithm=dp; use diloco, delayed or eager")
+        _at_least("fragments", self.fragments, 1)
+        if self.inner_steps % self.fragments:
+            raise ConfigError(
+                f"inner_steps={self.inner_steps} is not a multiple of fragments={self.fragments}: "
+                f"fragments are synced every inner_steps/fragments steps; pick H divisible by P"
+            )
+        if not 0.0 <= self.mixing <= 1.0:
+            raise ConfigError(f"mixing must be in [0, 1], got {self.mixing}")
+        if self.algorithm == "diloco":
+            if not 0 <= self.overlap_steps < self.sync_interval:
+                raise ConfigError(
+                    f"overlap_steps must be in [0, inner_steps/fragments = {self.sync_interval}), "
+                    f"got {self.overlap_steps}"
+                )
+        elif self.overlap_steps or self.mixing:
+            raise ConfigError(
+                f"algorithm={self.algorithm} applies each fragment's average {self.delay} outer "
+                f"step(s) later with its own rule, so overlap_steps and mixing must stay 0"
+            )
+
     # Derived values, computed here once so every module agrees on them.
+    @property
+    def num_fragments(self) -> int:
+        """P: 1 unless streaming."""
+        return self.fragments if self.streaming else 1
+
+    @property
+    def sync_interval(self) -> int:
+        """Inner steps between two Flower rounds: H/P."""
+        return self.inner_steps // self.num_fragments
+
+    @property
+    def flower_rounds(self) -> int:
+        """One Flower round per fragment sync: `rounds` outer steps × P."""
+        return self.rounds * self.num_fragments
+
+    @property
+    def staleness(self) -> int:
+        """d: how many outer steps old the average applied at a sync is (0 for diloco)."""
+        return self.delay if self.algorithm in ("delayed", "eager") else 0
+
     @property
     def model_preset(self) -> str:
         return MODEL_ALIASES.get(self.model, self.model)
@@ -158,7 +233,8 @@ class RunConfig:
 # Short names for the presets a CPU user reaches for first.
 MODEL_ALIASES = {"tiny": "tiny-1m", "small": "tiny-10m"}
 
-_TYPES = {"int": int, "float": float, "str": str}
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def _coerce(key: str, value: Any, type_name: Any) -> Any:
@@ -166,6 +242,12 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
     target = _TYPES[type_name if isinstance(type_name, str) else type_name.__name__]
     if target is str:
         return str(value)
+    if target is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).strip().lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[str(value).strip().lower()]
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
     if not isinstance(value, bool):  # True is an int to Python, never a count or a rate here
         try:
             number = target(value)

@@ -27,7 +27,7 @@ def test_hydra_config_repeats_the_dataclass_defaults():
 @pytest.mark.parametrize("values,needle", [
     ({"inner_steps": 0}, "inner_steps must be >= 1"),
     ({"model": "huge"}, "choose one of"),
-    ({"algorithm": "fedavg"}, "algorithm='fedavg' is not allowed; choose one of: diloco"),
+    ({"algorithm": "fedavg"}, "algorithm='fedavg' is not allowed; choose one of: dp, diloco"),
     ({"inner_step": 5}, "Did you mean 'inner_steps'"),
     ({"rounds": "many"}, "rounds must be of type int"),
     ({"rounds": 2.5}, "rounds must be of type int"),

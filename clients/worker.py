@@ -1,24 +1,41 @@
-"""What a node's persistent worker does with each request from its ClientApp adapter.
+"""A node's persistent worker: trains without pause, and exchanges outer gradients on the side.
 
-The worker is built lazily on the first `train` request, from the run config that request
-carries, and then stays resident: the same model, AdamW state and data position serve
-every round (SPEC §5). Requests and replies are plain dicts of numpy arrays and numbers,
-so this class can be driven directly in tests without any process or socket.
+The worker holds the model, the AdamW state and the data position for the whole run (SPEC §5).
+Its inner loop runs in a thread of its own, walking the run's schedule of inner steps:
+
+  at the sync step of round r (r·H/P)     send Δ_{m,p}(r) for fragment p(r) and go straight on
+  diloco:  τ steps later                   wait for round r's average Δ(r), apply it
+  delayed / eager:  at the same step       wait for round k = r − d·P's average, apply the
+                                           delayed or eager update (strategies.outer_optimizer)
+
+The Flower side only feeds it: each `train` request (one per round, from the ClientApp
+adapter) delivers the average the server sends with it and returns Δ(r) once the inner loop
+has produced it. So the worker computes while its outer gradient is in flight, and waits
+only when an average it needs has not arrived; those waits are its idle seconds.
+
+Requests and replies are plain dicts of numpy arrays and numbers, so this class can be driven
+directly in tests without any process or socket.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 import traceback
 from typing import Any
 
+import numpy as np
 import torch
 
+from clients.fragment import Fragment
 from clients.inner_loop import InnerTrainer
 from fl_diloco.config import RunConfig, resolve_device
 from fl_diloco.data import BatchStream, Corpus, load_corpus
 from fl_diloco.model import Transformer, model_config
+from strategies.codecs import decode_tensors, encode_tensors
+from strategies.fragments import fragment_names, round_fragment, stale_round
+from strategies.outer_optimizer import Tensors, eager_outer_gradient, zeros_like
 
 
 def worker_threads(cfg: RunConfig) -> int:
@@ -43,13 +60,33 @@ def build_trainer(cfg: RunConfig, partition_id: int, num_partitions: int, device
     return InnerTrainer(model, stream, cfg, device)
 
 
+class WorkerStopped(RuntimeError):
+    """The worker was shut down while its inner loop waited."""
+
+
+class _RoundMeter:
+    """Losses, compute and idle seconds of the inner steps since the last sync."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.compute_seconds = 0.0
+        self.idle_seconds = 0.0
+
+
 class Worker:
     def __init__(self) -> None:
         self.trainer: InnerTrainer | None = None
+        self.cfg: RunConfig | None = None
         self.partition: tuple[int, int] | None = None
-        self.last_reply_at: float | None = None
-        self.last_round = 0
-        self.last_reply: dict[str, Any] | None = None
+        self.fragments: list[Fragment] = []
+        self._state = threading.Condition()
+        self._averages: dict[int, tuple[Tensors, bool]] = {}  # round → (average, we were counted)
+        self._replies: dict[int, dict[str, Any]] = {}
+        self._failure: str | None = None
+        self._stopping = False
+        self._inner_loop: threading.Thread | None = None
+
+    # ----- requests from the ClientApp adapter (any thread) -----
 
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         """Serve one request; failures come back as {"error": traceback}, never as a crash."""
@@ -58,53 +95,153 @@ class Worker:
             if kind == "ping":
                 return {"ok": True, "pid": os.getpid()}
             if kind == "prepare":
-                self._ensure_trainer(request)
-                self.last_reply_at = time.perf_counter()  # ready: waiting from here on is idle
+                self.prepare(request)
                 return {"ok": True}
             if kind == "train":
                 return self.train(request)
             if kind == "shutdown":
+                self.stop()
                 return {"ok": True}
             return {"error": f"unknown request kind {kind!r}"}
         except Exception:  # noqa: BLE001 - the adapter reports it with the node id
             return {"error": traceback.format_exc()}
 
-    def _ensure_trainer(self, request: dict[str, Any]) -> RunConfig:
-        """Build the resident trainer on first use; afterwards only check it is the same shard."""
-        cfg = RunConfig.from_mapping(request["run_config"])
-        partition = (int(request["partition_id"]), int(request["num_partitions"]))
-        if self.trainer is None:
+    def prepare(self, request: dict[str, Any]) -> None:
+        """Build the resident trainer, take θ(0) and start training at once."""
+        with self._state:
+            cfg = RunConfig.from_mapping(request["run_config"])
+            partition = (int(request["partition_id"]), int(request["num_partitions"]))
+            if self.trainer is not None:
+                if partition != self.partition:
+                    raise ValueError(f"worker holds partition {self.partition} but was asked for {partition}")
+                return  # a retried prepare: already running
             device = resolve_device(request.get("device") or cfg.device)
             if device == "cpu":
                 torch.set_num_threads(worker_threads(cfg))
-            self.trainer = build_trainer(cfg, *partition, device)
-            self.partition = partition
-        elif partition != self.partition:
-            raise ValueError(f"worker holds partition {self.partition} but was asked for {partition}")
-        return cfg
+            trainer = build_trainer(cfg, *partition, device)
+            initial = request["params"]
+            trainer.load_parameters(initial)
+            names = fragment_names([n for n, _ in trainer.model.named_parameters()],
+                                   cfg.num_fragments, cfg.fragment_pattern)
+            self.fragments = [Fragment(p, group, initial, cfg.outer_lr, cfg.outer_momentum)
+                              for p, group in enumerate(names)]
+            self.trainer, self.cfg, self.partition = trainer, cfg, partition
+            self._inner_loop = threading.Thread(target=self._run_guarded, name="inner-loop", daemon=True)
+            self._inner_loop.start()
 
     def train(self, request: dict[str, Any]) -> dict[str, Any]:
-        received_at = time.perf_counter()
-        round_ = int(request["round"])
-        if round_ == self.last_round and self.last_reply is not None:
-            return self.last_reply  # the adapter retried a round we already trained
-        cfg = self._ensure_trainer(request)
-        # Time spent waiting for the server since our last reply: what overlap variants hide.
-        idle = 0.0 if self.last_reply_at is None else received_at - self.last_reply_at
+        """Deliver the average this round's message carries; return Δ(r) once it exists."""
+        if self.trainer is None:
+            raise RuntimeError("train before prepare: the server must send query.prepare with θ(0) first")
+        server_round = int(request["round"])
+        delivered = int(request.get("aggregate_round", 0))
+        if delivered:
+            fragment = self.fragments[round_fragment(delivered, len(self.fragments))]
+            average = decode_tensors(request["aggregate"], self.cfg.wire_precision, fragment.shapes)
+            with self._state:
+                self._averages[delivered] = (average, bool(request.get("counted", True)))
+                self._state.notify_all()
+        deadline = time.monotonic() + self.cfg.round_timeout
+        with self._state:
+            while server_round not in self._replies:
+                if self._failure:
+                    raise RuntimeError(f"the inner loop failed:\n{self._failure}")
+                if self._stopping:
+                    raise WorkerStopped("worker is shutting down")
+                if not self._state.wait(timeout=max(0.0, deadline - time.monotonic())):
+                    raise TimeoutError(f"round {server_round}: no outer gradient after "
+                                       f"{self.cfg.round_timeout:.0f}s")
+            for old in [r for r in self._replies if r < server_round]:  # kept for one retry only
+                del self._replies[old]
+            return self._replies[server_round]
 
-        self.trainer.load_parameters(request["params"])
-        result = self.trainer.run_phase(cfg.inner_steps)
+    def stop(self) -> None:
+        with self._state:
+            self._stopping = True
+            self._state.notify_all()
+
+    # ----- the inner loop (its own thread) -----
+
+    def _run_guarded(self) -> None:
+        try:
+            self._run()
+        except WorkerStopped:
+            pass
+        except Exception:  # noqa: BLE001 - reported to the next request
+            with self._state:
+                self._failure = traceback.format_exc()
+                self._state.notify_all()
+
+    def _run(self) -> None:
+        cfg, trainer = self.cfg, self.trainer
+        interval, num_fragments = cfg.sync_interval, len(self.fragments)
+        last_step = cfg.flower_rounds * interval
+        eager_weight = 1.0 / self.partition[1] if cfg.algorithm == "eager" else 0.0
+        due: dict[int, list[int]] = {}  # inner step → rounds whose average is applied then
+        meter = _RoundMeter()
+        trainer.model.train()
+        for step in range(trainer.step + 1, last_step + 1):
+            if self._stopping:
+                raise WorkerStopped()
+            began = time.perf_counter()
+            meter.losses.append(trainer.train_step())
+            meter.compute_seconds += time.perf_counter() - began
+
+            if step % interval == 0:
+                server_round = step // interval
+                fragment = self.fragments[round_fragment(server_round, num_fragments)]
+                sent = self._send(server_round, fragment, meter)
+                meter = _RoundMeter()
+                if step == last_step:
+                    break  # nothing applied after the last sync would ever be used
+                if cfg.staleness == 0:
+                    due.setdefault(step + cfg.overlap_steps, []).append(server_round)
+                else:
+                    stale = stale_round(server_round, cfg.staleness, num_fragments)
+                    stale_average, counted = self._wait_for_average(stale, fragment, meter)
+                    stale_own = fragment.sent.pop(stale, None)
+                    if not counted or stale_own is None:
+                        stale_own = zeros_like(sent)  # never added to the average: nothing to take out
+                    fragment.sent[server_round] = sent
+                    fragment.apply(eager_outer_gradient(stale_average, sent, stale_own, eager_weight),
+                                   trainer.model)
+
+            for server_round in due.pop(step, []):
+                fragment = self.fragments[round_fragment(server_round, num_fragments)]
+                average, _ = self._wait_for_average(server_round, fragment, meter)
+                fragment.apply(average, trainer.model, cfg.mixing)
+
+    def _send(self, server_round: int, fragment: Fragment, meter: _RoundMeter) -> Tensors:
+        """Post round r's reply; returns Δ as the server will decode it (what eager subtracts later)."""
+        cfg = self.cfg
+        wire = encode_tensors(fragment.outer_gradient(self.trainer.model), cfg.wire_precision)
         reply = {
-            "outer_gradient": {n: t.numpy() for n, t in result.outer_gradient.items()},
+            "outer_gradient": wire,
             "metrics": {
-                "train_loss": result.train_loss,
-                "tokens": result.tokens,
-                "compute_seconds": result.compute_seconds,
-                "idle_seconds": idle,
+                "train_loss": float(np.mean(meter.losses)),
+                "tokens": len(meter.losses) * self.trainer.stream.batch_size * cfg.seq_len,
+                "compute_seconds": meter.compute_seconds,
+                "idle_seconds": meter.idle_seconds,
                 "inner_step": self.trainer.step,
                 "partition_id": self.partition[0],
             },
         }
-        self.last_round, self.last_reply = round_, reply
-        self.last_reply_at = time.perf_counter()
-        return reply
+        with self._state:
+            self._replies[server_round] = reply
+            self._state.notify_all()
+        return decode_tensors(wire, cfg.wire_precision, fragment.shapes)
+
+    def _wait_for_average(self, server_round: int, fragment: Fragment,
+                          meter: _RoundMeter) -> tuple[Tensors, bool]:
+        """Round r's average (zero for r ≤ 0, SPEC's Δ(0) = 0); the wait counts as idle."""
+        if server_round <= 0:
+            return zeros_like(fragment.outer.params), False
+        began = time.perf_counter()
+        with self._state:
+            while server_round not in self._averages:
+                if self._stopping:
+                    raise WorkerStopped()
+                self._state.wait(timeout=1.0)
+            average = self._averages.pop(server_round)
+        meter.idle_seconds += time.perf_counter() - began
+        return average

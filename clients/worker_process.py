@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"worker {os.getpid()} serving {socket_path}, watching pid {args.watch_pid}", flush=True)
 
     last_request = [time.monotonic()]
-    busy = threading.Lock()
+    open_requests = [0]  # requests being served; a worker waiting on its own training is not idle
+    counter = threading.Lock()
 
     def stop(reason: str, clean: bool = False) -> None:
         print(f"worker {os.getpid()} exiting: {reason}", flush=True)
@@ -63,32 +64,43 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(1.0)
             if not _pid_alive(args.watch_pid):
                 stop(f"node process {args.watch_pid} is gone")
-            if not busy.locked() and time.monotonic() - last_request[0] > args.idle_timeout:
+            if not open_requests[0] and time.monotonic() - last_request[0] > args.idle_timeout:
                 stop(f"no request for {args.idle_timeout:.0f}s")
 
-    threading.Thread(target=watchdog, daemon=True).start()
-
     worker = Worker()
+
+    def serve(conn) -> None:
+        # One thread per request: a round's request waits for the inner loop, while the next
+        # round's request may already be delivering the average that loop needs.
+        with conn:
+            try:
+                request = conn.recv()
+            except EOFError:
+                return
+            with counter:
+                open_requests[0] += 1
+                last_request[0] = time.monotonic()
+            try:
+                reply = worker.handle(request)
+                try:
+                    conn.send(reply)
+                except OSError as err:
+                    print(f"could not send the reply to '{request.get('kind')}': {err}", flush=True)
+            finally:
+                with counter:
+                    open_requests[0] -= 1
+                    last_request[0] = time.monotonic()
+        if request.get("kind") == "shutdown":
+            stop("shutdown requested", clean=True)
+
+    threading.Thread(target=watchdog, daemon=True).start()
     while True:
         try:
             conn = listener.accept()
         except Exception as err:  # noqa: BLE001 - a failed handshake must not kill the worker
             print(f"rejected a connection: {err!r}", flush=True)
             continue
-        with conn, busy:
-            try:
-                request = conn.recv()
-            except EOFError:
-                continue
-            last_request[0] = time.monotonic()
-            reply = worker.handle(request)
-            try:
-                conn.send(reply)
-            except OSError as err:
-                print(f"could not send the reply to '{request.get('kind')}': {err}", flush=True)
-            last_request[0] = time.monotonic()
-        if request.get("kind") == "shutdown":
-            stop("shutdown requested", clean=True)
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 
 from clients.channel import WorkerHandle
 from fl_diloco.config import RunConfig
-from strategies.diloco import CONFIG_KEY, METRICS_KEY, OUTER_GRADIENT_KEY, PARAMS_KEY
+from strategies.diloco import AGGREGATE_KEY, CONFIG_KEY, METRICS_KEY, OUTER_GRADIENT_KEY, PARAMS_KEY
 from strategies.wire import from_array_record, to_array_record
 
 PREPARE_ACTION = "prepare"
@@ -60,15 +60,19 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.query(PREPARE_ACTION)
     def prepare(msg: Message, context: Context) -> Message:
-        """Start the worker and build its model and data before round 1, so that round
-        timings measure training, not start-up."""
-        call_worker(context, "prepare")
+        """Start the worker with θ(0); it begins training at once, before round 1 asks for
+        anything, so round timings measure training, not start-up."""
+        call_worker(context, "prepare", params=from_array_record(msg.content[PARAMS_KEY]))
         return Message(content=RecordDict({METRICS_KEY: MetricRecord({"ready": 1})}), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        answer = call_worker(context, "train", round=int(msg.content[CONFIG_KEY]["round"]),
-                             params=from_array_record(msg.content[PARAMS_KEY]))
+        config = msg.content[CONFIG_KEY]
+        aggregate = (from_array_record(msg.content[AGGREGATE_KEY])
+                     if AGGREGATE_KEY in msg.content.array_records else None)
+        answer = call_worker(context, "train", round=int(config["round"]),
+                             aggregate_round=int(config["aggregate_round"]),
+                             counted=bool(config["counted"]), aggregate=aggregate)
         content = RecordDict({
             OUTER_GRADIENT_KEY: to_array_record(answer["outer_gradient"]),
             METRICS_KEY: MetricRecord(answer["metrics"]),

@@ -213,6 +213,18 @@ class RunConfig:
         return MODEL_ALIASES.get(self.model, self.model)
 
     @property
+    def variant_label(self) -> str:
+        """A short name for plots and tables, e.g. 'eager d=1, streaming P=2, fp4'."""
+        parts = [self.algorithm + (f" d={self.delay}" if self.algorithm in ("delayed", "eager") else "")]
+        if self.streaming:
+            parts.append(f"streaming P={self.fragments}"
+                         + (f" τ={self.overlap_steps}" if self.overlap_steps else "")
+                         + (f" α={self.mixing:g}" if self.mixing else ""))
+        if self.wire_precision != "fp32":
+            parts.append(self.wire_precision)
+        return ", ".join(parts)
+
+    @property
     def total_inner_steps(self) -> int:
         return self.rounds * self.inner_steps
 

@@ -1,9 +1,12 @@
-"""The ServerApp: runs DiLoCo's outer loop over the connected SuperNodes.
+"""The ServerApp: runs the outer loop of every DiLoCo variant over the connected SuperNodes.
 
-Each round: send θ(t−1) to the M workers, wait for their outer gradients, let the strategy
-take the outer Nesterov step, evaluate θ(t) on the held-out split every `eval_every`
-rounds, and log one line. At the end: shut the workers down, save the final checkpoint,
-summary.json and the loss plot under the run's output directory.
+Before round 1 every worker gets θ(0) and starts training. Each Flower round then syncs one
+fragment (the whole model unless streaming): the server sends the average the workers need
+next, collects their outer gradients, and the strategy updates θ (strategies/diloco.py).
+`delayed` and `eager` keep several rounds open at once (RoundPipeline), so a slow link is
+hidden behind the workers' computing. θ is evaluated on the held-out split every `eval_every`
+outer steps; one line is logged per round. At the end: shut the workers down, save the final
+checkpoint, summary.json and the loss plot under the run's output directory.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from fl_diloco.data import Corpus, load_corpus
 from fl_diloco.evaluation import evaluate
 from fl_diloco.model import Transformer, load_parameters, model_config
 from fl_diloco.reporting import RunLog, finish_run, prepare_out_dir
-from strategies.diloco import DiLoCo
+from strategies.diloco import DiLoCo, RoundStats
+from strategies.wire import serialized_bytes
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
@@ -45,9 +49,10 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-def query_workers(grid: Grid, node_ids: list[int], action: str, timeout: float) -> list[int]:
+def query_workers(grid: Grid, node_ids: list[int], action: str, timeout: float,
+                  content: RecordDict | None = None) -> list[int]:
     """Send a `query.<action>` to every node; returns the nodes that did not confirm."""
-    messages = [Message(content=RecordDict({"config": ConfigRecord({})}),
+    messages = [Message(content=content or RecordDict({"config": ConfigRecord({})}),
                         message_type=f"{MessageType.QUERY}.{action}", dst_node_id=node)
                 for node in node_ids]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
@@ -57,6 +62,43 @@ def query_workers(grid: Grid, node_ids: list[int], action: str, timeout: float) 
                 reply.error.reason)
     confirmed = {r.metadata.src_node_id for r in replies if not r.has_error()}
     return [node for node in node_ids if node not in confirmed]
+
+
+class RoundPipeline:
+    """Keeps up to D rounds open at once (D = strategy.in_flight) and closes them in order.
+
+    Round r's messages go out as soon as round r − D is aggregated, so for `delayed` and
+    `eager` the server never makes a worker wait on a round it could already have opened.
+    """
+
+    def __init__(self, grid: Grid, strategy: DiLoCo, last_round: int, timeout: float,
+                 poll_interval: float = 0.05) -> None:
+        self.grid, self.strategy = grid, strategy
+        self.last_round, self.timeout, self.poll_interval = last_round, timeout, poll_interval
+        self.next_to_send = 1
+        self.open: dict[int, tuple[set[str], float]] = {}  # round → (message ids, sent at)
+
+    def send_ready_rounds(self, aggregated_up_to: int) -> None:
+        while (self.next_to_send <= self.last_round
+               and self.next_to_send - self.strategy.in_flight <= aggregated_up_to):
+            message_ids = set(self.grid.push_messages(self.strategy.configure_train(self.next_to_send)))
+            self.open[self.next_to_send] = (message_ids, time.monotonic())
+            self.next_to_send += 1
+
+    def collect(self, server_round: int) -> list[Message]:
+        """Round r's replies: all of them, or those in by `timeout` after it was sent."""
+        waiting, sent_at = self.open.pop(server_round)
+        replies: list[Message] = []
+        while waiting and time.monotonic() - sent_at < self.timeout:
+            arrived = list(self.grid.pull_messages(waiting))
+            replies.extend(arrived)
+            waiting -= {m.metadata.reply_to_message_id for m in arrived}
+            if waiting:
+                time.sleep(self.poll_interval)
+        if waiting:
+            log(WARNING, "round %d: %d node(s) did not reply within round_timeout=%.0fs",
+                server_round, len(waiting), self.timeout)
+        return replies
 
 
 def check_partitions(corpus: Corpus, cfg: RunConfig) -> None:
@@ -92,30 +134,39 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         return evaluate(model, validation, cfg.batch_size, device)["eval_loss"]
 
     node_ids = wait_for_nodes(grid, cfg.num_clients, cfg.node_wait_timeout)
-    strategy = DiLoCo({n: p.detach().cpu() for n, p in model.named_parameters()}, node_ids,
-                      outer_lr=cfg.outer_lr, outer_momentum=cfg.outer_momentum,
-                      weighting=cfg.weighting)
+    strategy = DiLoCo.from_config(cfg, {n: p.detach().cpu() for n, p in model.named_parameters()},
+                                  node_ids)
     strategy.summary()
     setup_began = time.perf_counter()
-    not_ready = query_workers(grid, node_ids, PREPARE_ACTION, cfg.round_timeout)
+    initial_state = strategy.initial_state()
+    not_ready = query_workers(grid, node_ids, PREPARE_ACTION, cfg.round_timeout, initial_state)
     if not_ready:
         raise RuntimeError(f"the workers of nodes {not_ready} could not start; see the log above")
-    log(INFO, "%d workers ready in %.1fs", len(node_ids), time.perf_counter() - setup_began)
-    run_log = RunLog(out_dir, cfg.rounds)
-    run_log.log({"round": 0, "tokens_total": 0, "eval_loss": eval_params(strategy.params)})
+    setup_bytes = serialized_bytes(initial_state) * len(node_ids)
+    log(INFO, "%d workers ready in %.1fs; they are training", len(node_ids),
+        time.perf_counter() - setup_began)
+    run_log = RunLog(out_dir, cfg.flower_rounds)
+    run_log.log({"round": 0, "outer_step": 0, "tokens_total": 0,
+                 "eval_loss": eval_params(strategy.params)})
 
+    pipeline = RoundPipeline(grid, strategy, cfg.flower_rounds, cfg.round_timeout)
     tokens_total = 0
-    for server_round in range(1, cfg.rounds + 1):
-        began = time.perf_counter()
-        replies = grid.send_and_receive(strategy.configure_train(server_round),
-                                        timeout=cfg.round_timeout)
-        strategy.aggregate_train(server_round, replies)
+    closed_at = time.perf_counter()
+    for server_round in range(1, cfg.flower_rounds + 1):
+        pipeline.send_ready_rounds(aggregated_up_to=server_round - 1)
+        strategy.aggregate_train(server_round, pipeline.collect(server_round))
+        # Open the next round(s) before evaluating, so evaluation never delays a worker.
+        pipeline.send_ready_rounds(aggregated_up_to=server_round)
         stats = strategy.history[-1]
         tokens_total += stats.tokens
-        round_seconds = time.perf_counter() - began  # before evaluating: training throughput
-        due = server_round % cfg.eval_every == 0 or server_round == cfg.rounds
+        now = time.perf_counter()
+        round_seconds, closed_at = now - closed_at, now
+        outer_step = server_round / cfg.num_fragments
+        due = server_round % (cfg.eval_every * cfg.num_fragments) == 0 or server_round == cfg.flower_rounds
         run_log.log({
             "round": server_round,
+            "outer_step": outer_step,
+            "fragment": stats.fragment,
             "train_loss": stats.train_loss,
             "eval_loss": eval_params(strategy.params) if due else None,
             "tokens": stats.tokens,
@@ -129,23 +180,51 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
             "bytes_down": stats.bytes_down,
             "clients": stats.per_client,
         })
+        closed_at = time.perf_counter() if due else closed_at  # throughput excludes evaluation
 
     if query_workers(grid, node_ids, SHUTDOWN_ACTION, timeout=60):
         log(INFO, "some workers did not confirm shutdown; they exit at their idle timeout")
     save_checkpoint(out_dir / "checkpoint", strategy.params, cfg, model_cfg,
-                    extra={"round": cfg.rounds, "tokens": tokens_total})
+                    extra={"round": cfg.flower_rounds, "tokens": tokens_total})
     history = strategy.history
     return finish_run(
         out_dir, cfg.algorithm, cfg, run_log,
         compute_seconds=sum(s.compute_seconds for s in history),
         idle_seconds=sum(s.idle_seconds for s in history),
         bytes_up=sum(s.bytes_up for s in history),
-        bytes_down=sum(s.bytes_down for s in history),
+        bytes_down=setup_bytes + sum(s.bytes_down for s in history),
         extra={"unigram_entropy": corpus.unigram_entropy(),
+               "variant": cfg.variant_label,
+               "evaluated_parameters": EVALUATED_PARAMETERS[cfg.algorithm],
+               "setup_bytes_down": setup_bytes,
                "worker_setup_seconds": run_log.started - setup_began,
                "num_parameters": sum(p.numel() for p in model.parameters()),
-               "rejected_replies": sum(s.rejected for s in history)},
+               "rejected_replies": sum(s.rejected for s in history),
+               "workers": worker_utilization(history)},
     )
+
+
+# What the server evaluates and checkpoints, per algorithm (see strategies/diloco.py).
+EVALUATED_PARAMETERS = {
+    "diloco": "the global outer parameters θ, which every worker holds",
+    "delayed": "the global outer parameters θ, which every worker holds",
+    "eager": "the mean of the workers' own outer parameters θ_m, tracked exactly by the server",
+}
+
+
+def worker_utilization(history: list[RoundStats]) -> list[dict[str, Any]]:
+    """Per worker: compute and idle seconds over the run, and compute utilization."""
+    totals: dict[int, dict[str, float]] = {}
+    for stats in history:
+        for client in stats.per_client:
+            row = totals.setdefault(int(client["partition_id"]), {"compute_seconds": 0.0,
+                                                                  "idle_seconds": 0.0})
+            row["compute_seconds"] += float(client["compute_seconds"])
+            row["idle_seconds"] += float(client["idle_seconds"])
+    return [{"partition_id": p, **row,
+             "compute_utilization": row["compute_seconds"] / (row["compute_seconds"] + row["idle_seconds"])
+             if row["compute_seconds"] + row["idle_seconds"] > 0 else None}
+            for p, row in sorted(totals.items())]
 
 
 def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:

@@ -1,32 +1,53 @@
-"""DiLoCo's server side as a Flower Strategy: average outer gradients, take a Nesterov step.
+"""The server side of every DiLoCo variant as a Flower Strategy (SPEC §2).
 
-The strategy holds the authoritative global parameters θ and the outer momentum buffer b.
-Each round it sends θ(t−1) to the selected nodes, gets back Δ_m(t) = θ(t−1) − θ_m,local(t),
-averages them (uniform or token-weighted) and applies `nesterov_outer_step` (SPEC §1).
-Replies that fail validation are logged with their node id and left out; if none is left,
-θ and b stay exactly as they were.
+Each Flower round r synchronises one fragment p(r) (the whole model unless streaming):
+
+  1. `configure_train(r)` sends every worker the average of round r − D, the oldest one it
+     has not had yet (D = `rounds_in_flight`: 1 for `diloco`, d·P for `delayed`/`eager`), and
+     asks for the worker's outer gradient of round r. Workers never wait for the message to
+     start computing: they are already running (see clients/worker.py).
+  2. `aggregate_train(r, replies)` validates and averages the outer gradients, Δ(r) = Σ w_m Δ_m(r),
+     quantizes the average once for the way down, and updates the global parameters θ.
+
+θ is what the server evaluates and checkpoints. Every variant keeps it equal to a well-defined
+model, using the same quantized averages the workers receive:
+
+  diloco    θ_p ← Outer_p(θ_p, Δ(r))              every worker holds this θ
+  delayed   θ_p ← Outer_p(θ_p, Δ(k))              k = r − d·P; every worker holds this θ
+  eager     θ_p ← Outer_p(θ_p, Δ(k) + (Δ(r) − Δ(k))/M)
+            the mean of the workers' own outer parameters θ_m: the outer step is linear, so
+            the mean follows the mean of the workers' eager updates exactly (SPEC §2)
+
+Replies that fail validation are logged with their node id and left out of the round.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from strategies.outer_optimizer import Tensors, WeightedAverage, nesterov_outer_step, zeros_like
-from strategies.validation import outer_gradient_problem
-from strategies.wire import from_array_record, serialized_bytes, to_array_record, to_tensors
+from fl_diloco.config import RunConfig
+from strategies.codecs import CodecError, encode_tensors
+from strategies.fragments import fragment_names, round_fragment, rounds_in_flight, stale_round
+from strategies.outer_optimizer import (OuterOptimizer, Tensors, WeightedAverage, eager_outer_gradient,
+                                        zeros_like)
+from strategies.validation import decode_outer_gradient
+from strategies.wire import serialized_bytes, to_array_record
 
 # Keys of the records exchanged with the ClientApp.
 PARAMS_KEY = "params"
+AGGREGATE_KEY = "aggregate"
 CONFIG_KEY = "config"
 OUTER_GRADIENT_KEY = "outer_gradient"
 METRICS_KEY = "metrics"
+REQUIRED_METRICS = ("tokens", "train_loss", "compute_seconds", "idle_seconds")
 
 
 @dataclass
@@ -34,6 +55,7 @@ class RoundStats:
     """What one round's replies added up to (summed over the clients that counted)."""
 
     round: int
+    fragment: int = 0
     participants: int = 0
     rejected: int = 0
     train_loss: float = float("nan")
@@ -45,44 +67,109 @@ class RoundStats:
     per_client: list[dict] = field(default_factory=list)
 
 
-class DiLoCo(Strategy):
-    """Outer Nesterov SGD over the clients' outer gradients."""
+@dataclass
+class RoundAverage:
+    """Round r's average as computed (fp32) and as every worker receives it (wire precision)."""
 
-    def __init__(self, initial_params: Tensors, node_ids: list[int], outer_lr: float = 0.7,
-                 outer_momentum: float = 0.9, weighting: str = "uniform") -> None:
-        self.params = {n: t.detach().float().clone() for n, t in initial_params.items()}
-        self.momentum_buffer = zeros_like(self.params)
+    exact: Tensors
+    received: Tensors
+    wire: dict  # the encoded arrays, sent as they are to every node
+    contributors: set[int]
+
+
+class DiLoCo(Strategy):
+    """Outer Nesterov SGD over the clients' outer gradients, for diloco, delayed and eager."""
+
+    def __init__(self, initial_params: Mapping[str, torch.Tensor], node_ids: list[int], *,
+                 algorithm: str = "diloco", delay: int = 1, num_fragments: int = 1,
+                 fragment_pattern: str = "strided", outer_lr: float = 0.7,
+                 outer_momentum: float = 0.9, weighting: str = "uniform",
+                 wire_precision: str = "fp32") -> None:
+        if algorithm not in ("diloco", "delayed", "eager"):
+            raise ValueError(f"the DiLoCo strategy runs diloco, delayed or eager, not '{algorithm}'")
+        self.params = {n: t.detach().float().cpu().clone() for n, t in initial_params.items()}
         self.node_ids = list(node_ids)
-        self.outer_lr = outer_lr
-        self.outer_momentum = outer_momentum
+        self.algorithm = algorithm
+        self.staleness = 0 if algorithm == "diloco" else delay
+        self.fragments = fragment_names(self.params, num_fragments, fragment_pattern)
+        # One optimizer per fragment, over views of the one global parameter dict.
+        self.optimizers = [OuterOptimizer({n: self.params[n] for n in names}, outer_lr, outer_momentum)
+                           for names in self.fragments]
+        self.in_flight = rounds_in_flight(self.staleness, self.num_fragments)
         self.weighting = weighting
+        self.wire_precision = wire_precision
+        self.averages: dict[int, RoundAverage] = {}
         self.history: list[RoundStats] = []
-        self._pending: RoundStats | None = None
+        self._pending: dict[int, RoundStats] = {}
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, initial_params: Mapping[str, torch.Tensor],
+                    node_ids: list[int]) -> DiLoCo:
+        return cls(initial_params, node_ids, algorithm=cfg.algorithm, delay=cfg.delay,
+                   num_fragments=cfg.num_fragments, fragment_pattern=cfg.fragment_pattern,
+                   outer_lr=cfg.outer_lr, outer_momentum=cfg.outer_momentum,
+                   weighting=cfg.weighting, wire_precision=cfg.wire_precision)
+
+    @property
+    def num_fragments(self) -> int:
+        return len(self.fragments)
+
+    @property
+    def momentum_buffer(self) -> Tensors:
+        return {n: b for opt in self.optimizers for n, b in opt.momentum_buffer.items()}
 
     def summary(self) -> None:
-        log(INFO, "\t├──> DiLoCo outer optimizer: Nesterov SGD, lr=%s, momentum=%s",
-            self.outer_lr, self.outer_momentum)
+        opt = self.optimizers[0]
+        log(INFO, "\t├──> %s, outer Nesterov SGD lr=%s momentum=%s", self.algorithm, opt.lr, opt.momentum)
+        if self.staleness:
+            log(INFO, "\t├──> averages applied %d outer step(s) late, %d round(s) in flight",
+                self.staleness, self.in_flight)
+        log(INFO, "\t├──> %d fragment(s), outer gradients on the wire as %s", self.num_fragments,
+            self.wire_precision)
         log(INFO, "\t└──> %d clients, %s weighting", len(self.node_ids), self.weighting)
+
+    def initial_state(self) -> RecordDict:
+        """What a worker needs before its first inner step: θ(0), in full precision."""
+        return RecordDict({PARAMS_KEY: to_array_record({n: t.numpy() for n, t in self.params.items()})})
 
     def configure_train(self, server_round: int, arrays: ArrayRecord | None = None,
                         config: ConfigRecord | None = None, grid: Grid | None = None) -> Iterable[Message]:
-        # θ is always the strategy's own copy: `arrays` exists for Strategy.start's signature.
-        content = RecordDict({
-            PARAMS_KEY: to_array_record({n: t.numpy() for n, t in self.params.items()}),
-            CONFIG_KEY: ConfigRecord({"round": server_round, **(dict(config) if config else {})}),
-        })
-        size = serialized_bytes(content)
-        self._pending = RoundStats(round=server_round, bytes_down=size * len(self.node_ids))
-        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id,
-                        group_id=str(server_round)) for node_id in self.node_ids]
+        """Round r's messages: the average of round r − D (if any), and the request for Δ_m(r)."""
+        delivered = server_round - self.in_flight
+        average = self.averages.get(delivered)
+        if delivered >= 1 and average is None:
+            raise RuntimeError(f"round {server_round} must carry round {delivered}'s average, "
+                               f"which has not been aggregated yet")
+        wire = to_array_record(average.wire) if average else None
+        messages, bytes_down = [], 0
+        for node_id in self.node_ids:
+            content = RecordDict({CONFIG_KEY: ConfigRecord({
+                "round": server_round,
+                "aggregate_round": delivered if average else 0,
+                # A worker whose outer gradient was left out of that average must not
+                # subtract it again (eager) — it was never added.
+                "counted": bool(average and node_id in average.contributors),
+                **(dict(config) if config else {}),
+            })})
+            if wire is not None:
+                content[AGGREGATE_KEY] = wire
+            if not messages:  # every message has the same size; serialising once is enough
+                bytes_down = serialized_bytes(content)
+            messages.append(Message(content=content, message_type=MessageType.TRAIN,
+                                    dst_node_id=node_id, group_id=str(server_round)))
+        self._pending[server_round] = RoundStats(
+            round=server_round, fragment=round_fragment(server_round, self.num_fragments),
+            bytes_down=bytes_down * len(messages))
+        return messages
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        stats = self._pending if self._pending and self._pending.round == server_round \
-            else RoundStats(round=server_round)
-        self._pending = None
+        fragment = round_fragment(server_round, self.num_fragments)
+        stats = self._pending.pop(server_round, None) or RoundStats(round=server_round, fragment=fragment)
+        names = self.fragments[fragment]
         average = WeightedAverage()
         losses: list[tuple[float, int]] = []
+        contributors: set[int] = set()
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -90,15 +177,15 @@ class DiLoCo(Strategy):
                 stats.rejected += 1
                 continue
             stats.bytes_up += serialized_bytes(reply.content)
-            problem = self._reply_problem(reply)
-            if problem is not None:
+            try:
+                metrics, outer_grad = self._read_reply(reply, names)
+            except CodecError as problem:
                 log(WARNING, "round %d: rejected the reply of node %d: %s", server_round, node, problem)
                 stats.rejected += 1
                 continue
-            metrics = dict(reply.content[METRICS_KEY])
             tokens = int(metrics["tokens"])
-            weight = 1.0 if self.weighting == "uniform" else float(tokens)
-            average.add(to_tensors(from_array_record(reply.content[OUTER_GRADIENT_KEY])), weight)
+            average.add(outer_grad, 1.0 if self.weighting == "uniform" else float(tokens))
+            contributors.add(node)
             losses.append((float(metrics["train_loss"]), tokens))
             stats.participants += 1
             stats.tokens += tokens
@@ -106,32 +193,58 @@ class DiLoCo(Strategy):
             stats.idle_seconds += float(metrics["idle_seconds"])
             stats.per_client.append({"node_id": node, **metrics})
 
-        if average.count == 0:
-            log(WARNING, "round %d: no usable reply; global parameters left unchanged", server_round)
-            self.history.append(stats)
-            return None, None
-
-        nesterov_outer_step(self.params, average.result(), self.momentum_buffer,
-                            self.outer_lr, self.outer_momentum)
-        stats.train_loss = sum(l * t for l, t in losses) / max(1, sum(t for _, t in losses))
+        if average.count:
+            exact = average.result()
+            stats.train_loss = sum(l * t for l, t in losses) / sum(t for _, t in losses)
+        else:
+            # Nobody contributed: the round's average is zero, on the server and on every
+            # worker alike, so their outer states stay in step.
+            log(WARNING, "round %d: no usable reply; the round's average is zero", server_round)
+            exact = zeros_like({n: self.params[n] for n in names})
+        wire = encode_tensors(exact, self.wire_precision)
+        received = decode_outer_gradient(wire, self.wire_precision,
+                                         {n: tuple(self.params[n].shape) for n in names})
+        self.averages[server_round] = RoundAverage(exact, received, wire, contributors)
+        self.optimizers[fragment].step(self._global_update(server_round))
+        self._forget_old_averages(server_round)
         self.history.append(stats)
-        return (to_array_record({n: t.numpy() for n, t in self.params.items()}),
-                MetricRecord({"train_loss": stats.train_loss, "tokens": stats.tokens,
-                              "participants": stats.participants}))
+        return None, MetricRecord({"train_loss": stats.train_loss, "tokens": stats.tokens,
+                                   "participants": stats.participants})
 
-    def _reply_problem(self, reply: Message) -> str | None:
+    def _global_update(self, server_round: int) -> Tensors:
+        """The outer gradient θ's fragment takes this round (module docstring)."""
+        current = self.averages[server_round]
+        if self.staleness == 0:
+            return current.received
+        stale = self.averages.get(stale_round(server_round, self.staleness, self.num_fragments))
+        if stale is None:  # before round d·P there is no stale average: Δ(k ≤ 0) = 0
+            stale = RoundAverage(zeros_like(current.exact), zeros_like(current.exact), {}, set())
+        if self.algorithm == "delayed":
+            return stale.received
+        return eager_outer_gradient(stale.received, current.exact, stale.exact, 1.0 / len(self.node_ids))
+
+    def _forget_old_averages(self, server_round: int) -> None:
+        # Still needed: the stale average of the next rounds, and the ones not yet delivered.
+        keep_from = server_round + 1 - max(self.in_flight, self.staleness * self.num_fragments)
+        for old in [r for r in self.averages if r < keep_from]:
+            del self.averages[old]
+
+    def _read_reply(self, reply: Message, names: list[str]) -> tuple[dict, Tensors]:
+        """The reply's metrics and decoded outer gradient; CodecError says what is wrong."""
         content = reply.content
         if OUTER_GRADIENT_KEY not in content.array_records:
-            return f"no '{OUTER_GRADIENT_KEY}' array record"
+            raise CodecError(f"no '{OUTER_GRADIENT_KEY}' array record")
         if METRICS_KEY not in content.metric_records:
-            return f"no '{METRICS_KEY}' metric record"
-        metrics = content[METRICS_KEY]
-        for key in ("tokens", "train_loss", "compute_seconds", "idle_seconds"):
-            if key not in metrics:
-                return f"metric '{key}' missing"
+            raise CodecError(f"no '{METRICS_KEY}' metric record")
+        metrics = dict(content[METRICS_KEY])
+        missing = [key for key in REQUIRED_METRICS if key not in metrics]
+        if missing:
+            raise CodecError(f"metrics {missing} missing")
         if int(metrics["tokens"]) <= 0:
-            return f"non-positive token count {metrics['tokens']}"
-        return outer_gradient_problem(from_array_record(content[OUTER_GRADIENT_KEY]), self.params)
+            raise CodecError(f"non-positive token count {metrics['tokens']}")
+        arrays = {n: a.numpy() for n, a in content[OUTER_GRADIENT_KEY].items()}
+        shapes = {n: tuple(self.params[n].shape) for n in names}
+        return metrics, decode_outer_gradient(arrays, self.wire_precision, shapes)
 
     # Evaluation is centralised (the server evaluates θ on held-out text), so there is no
     # client-side evaluation round.

@@ -7,6 +7,7 @@ functions, so the sign convention and the Nesterov parameterisation are written 
                                                        points the same way as a gradient)
     average          Δ   = Σ_m w_m Δ_m                 (Σ w_m = 1)
     Nesterov SGD     b ← μ·b + Δ ;  θ ← θ − η·(Δ + μ·b)   (torch.optim.SGD(nesterov=True))
+    eager mix        Δ̃_m(t) = Δ(t−d) + w_m·(Δ_m(t) − Δ_m(t−d))   (SPEC §2)
 """
 
 from __future__ import annotations
@@ -42,6 +43,41 @@ def nesterov_outer_step(
             buf = momentum_buffer[name]
             buf.mul_(momentum).add_(grad)
             param.sub_(grad.add(buf, alpha=momentum), alpha=lr)
+
+
+def eager_outer_gradient(
+    stale_average: Mapping[str, torch.Tensor],
+    fresh_own: Mapping[str, torch.Tensor],
+    stale_own: Mapping[str, torch.Tensor],
+    weight: float,
+) -> Tensors:
+    """Δ̃_m(t) = Δ(t−d) + w_m·(Δ_m(t) − Δ_m(t−d)): the eager update worker m can apply now.
+
+    It equals w_m·Δ_m(t) + Σ_{k≠m} w_k·Δ_k(t−d): the worker's own fresh contribution replaces
+    its own stale one inside the stale average, so every contribution is applied exactly once
+    on every worker. Subtracting Δ_m(t−d) is what makes that true; mixing with
+    (M−1)/M·Δ(t−d) instead counts the worker's own stale term twice.
+    With weight 0 this is the naive delayed update Δ(t−d).
+    """
+    return {name: stale_average[name].float() + weight * (fresh_own[name].float() - stale_own[name].float())
+            for name in stale_average}
+
+
+class OuterOptimizer:
+    """Outer Nesterov SGD over a set of named parameters (one fragment, or the whole model).
+
+    `params` are held by reference, so a server can give each fragment its own optimizer
+    over views of one global parameter dict.
+    """
+
+    def __init__(self, params: Tensors, lr: float, momentum: float) -> None:
+        self.params = params
+        self.momentum_buffer = zeros_like(params)
+        self.lr = lr
+        self.momentum = momentum
+
+    def step(self, outer_grad: Mapping[str, torch.Tensor]) -> None:
+        nesterov_outer_step(self.params, outer_grad, self.momentum_buffer, self.lr, self.momentum)
 
 
 def zeros_like(tensors: Mapping[str, torch.Tensor]) -> Tensors:

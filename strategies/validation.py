@@ -1,4 +1,4 @@
-"""Checks a client's reply must pass before its outer gradient is averaged in.
+"""Checks a client's outer gradient must pass before it is averaged in.
 
 A reply that fails is logged with its node id and left out of the round; it never touches
 the global parameters or the outer optimizer state.
@@ -11,23 +11,16 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from strategies.codecs import CodecError, decode_tensors
+from strategies.outer_optimizer import Tensors
 
-def outer_gradient_problem(
-    arrays: Mapping[str, np.ndarray], reference: Mapping[str, torch.Tensor]
-) -> str | None:
-    """Why `arrays` is not a usable outer gradient for parameters shaped like `reference`,
-    or None when it is."""
-    missing = sorted(set(reference) - set(arrays))
-    extra = sorted(set(arrays) - set(reference))
-    if missing or extra:
-        return f"wrong tensor names (missing {missing[:3]}{'...' if len(missing) > 3 else ''}, " \
-               f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''})"
-    for name, ref in reference.items():
-        array = arrays[name]
-        if tuple(array.shape) != tuple(ref.shape):
-            return f"'{name}' has shape {tuple(array.shape)}, expected {tuple(ref.shape)}"
-        if array.dtype != np.float32:
-            return f"'{name}' has dtype {array.dtype}, expected float32"
-        if not np.isfinite(array).all():
-            return f"'{name}' contains NaN or Inf"
-    return None
+
+def decode_outer_gradient(arrays: Mapping[str, np.ndarray], precision: str,
+                          shapes: Mapping[str, tuple[int, ...]]) -> Tensors:
+    """The fp32 outer gradient in `arrays`, which must hold exactly the tensors of `shapes`
+    encoded at `precision`; raises CodecError saying what is wrong otherwise."""
+    tensors = decode_tensors(arrays, precision, shapes)
+    for name, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise CodecError(f"'{name}' contains NaN or Inf")
+    return tensors

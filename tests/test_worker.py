@@ -10,36 +10,11 @@ import time
 
 import pytest
 import torch
-from flwr.app import Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from clients.channel import KEY_NAME, SOCKET_NAME, WorkerError, WorkerHandle
 from clients.worker import Worker, build_trainer
-from strategies.diloco import METRICS_KEY, OUTER_GRADIENT_KEY, PARAMS_KEY, DiLoCo
-from strategies.wire import from_array_record, to_array_record
 from tests.conftest import small_config
-
-
-def _train_request(cfg, server_round, params, partition=0):
-    return {"kind": "train", "round": server_round, "run_config": cfg.to_dict(),
-            "partition_id": partition, "num_partitions": cfg.num_clients, "params": params}
-
-
-def _run_diloco_in_process(cfg, rounds):
-    """DiLoCo with one worker, through the real strategy and Worker, minus the transport."""
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    worker = Worker()
-    reference = build_trainer(cfg, 0, 1, "cpu")  # same seed: the same initial model
-    strategy = DiLoCo(reference.parameters_fp32(), node_ids=[1], outer_lr=cfg.outer_lr,
-                      outer_momentum=cfg.outer_momentum)
-    for server_round in range(1, rounds + 1):
-        (request,) = strategy.configure_train(server_round)
-        answer = worker.handle(_train_request(cfg, server_round, from_array_record(request.content[PARAMS_KEY])))
-        assert "error" not in answer, answer.get("error")
-        reply = Message(content=RecordDict({OUTER_GRADIENT_KEY: to_array_record(answer["outer_gradient"]),
-                                            METRICS_KEY: MetricRecord(answer["metrics"])}), reply_to=request)
-        strategy.aggregate_train(server_round, [reply])
-    return strategy, worker
+from tests.in_process import run_in_process
 
 
 def test_one_worker_with_unit_outer_lr_and_no_momentum_is_plain_adamw(tmp_path):
@@ -47,33 +22,33 @@ def test_one_worker_with_unit_outer_lr_and_no_momentum_is_plain_adamw(tmp_path):
     # uninterrupted AdamW run step for step. A wrong sign, a lost optimizer state or a
     # reset data stream between rounds all break this.
     cfg = small_config(tmp_path, num_clients=1, outer_lr=1.0, outer_momentum=0.0)
-    rounds = 3
-    strategy, worker = _run_diloco_in_process(cfg, rounds)
+    strategy, (worker,) = run_in_process(cfg)
     plain = build_trainer(cfg, 0, 1, "cpu")
-    for _ in range(rounds * cfg.inner_steps):
+    for _ in range(cfg.total_inner_steps):
         plain.train_step()
     # θ − (θ − θ_local) equals θ_local only up to fp32 rounding, and AdamW's normalised
     # update can amplify a rounding-level difference on a parameter whose gradient is ~0.
     # 1e-4 is far below what any real fault produces (every parameter off by ~lr = 3e-3).
     for name, value in plain.parameters_fp32().items():
         torch.testing.assert_close(strategy.params[name], value, rtol=0, atol=1e-4)
-    assert worker.trainer.step == rounds * cfg.inner_steps
+    assert worker.trainer.step == cfg.total_inner_steps
 
 
 def test_worker_state_stays_resident_between_rounds(tmp_path):
-    cfg = small_config(tmp_path, num_clients=1)
-    _, worker = _run_diloco_in_process(cfg, 2)
-    trainer = worker.trainer
-    optimizer_steps = {int(s["step"]) for s in trainer.optimizer.state.values()}
+    cfg = small_config(tmp_path, num_clients=1, rounds=2)
+    _, (worker,) = run_in_process(cfg)
+    optimizer_steps = {int(s["step"]) for s in worker.trainer.optimizer.state.values()}
     assert optimizer_steps == {2 * cfg.inner_steps}  # AdamW state was never rebuilt
-    assert worker.last_reply["metrics"]["inner_step"] == 2 * cfg.inner_steps
-    assert worker.last_reply["metrics"]["idle_seconds"] >= 0.0
+    metrics = worker._replies[2]["metrics"]
+    assert metrics["inner_step"] == 2 * cfg.inner_steps and metrics["idle_seconds"] >= 0.0
 
 
 def test_worker_reports_errors_instead_of_crashing(tmp_path):
     cfg = small_config(tmp_path)
-    answer = Worker().handle(_train_request(cfg, 1, params={}))  # no parameters at all
+    answer = Worker().handle({"kind": "prepare", "run_config": cfg.to_dict(), "partition_id": 0,
+                              "num_partitions": 2, "params": {}})  # no parameters at all
     assert "error" in answer and "KeyError" in answer["error"]
+    assert "train before prepare" in Worker().handle({"kind": "train", "round": 1})["error"]
 
 
 @pytest.fixture

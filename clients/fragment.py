@@ -1,0 +1,54 @@
+"""One fragment of a worker's model and the outer state that belongs to it.
+
+A fragment (the whole model unless streaming) owns, on the worker:
+  - its outer parameters θ_p and their Nesterov buffer: the worker's replica of the global
+    ones for `diloco` and `delayed` (all workers keep identical replicas, because they apply
+    the identical quantized averages the server applies), its OWN θ_{m,p} for `eager`;
+  - the outer gradients it sent that the eager rule will still subtract, keyed by round.
+The local parameters (what the inner optimizer trains) stay in the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from strategies.outer_optimizer import OuterOptimizer, Tensors, outer_gradient
+
+
+class Fragment:
+    def __init__(self, index: int, names: list[str], initial_params: Mapping[str, torch.Tensor],
+                 outer_lr: float, outer_momentum: float) -> None:
+        self.index = index
+        self.names = list(names)
+        self.outer = OuterOptimizer({n: torch.as_tensor(initial_params[n]).float().clone()
+                                     for n in names}, outer_lr, outer_momentum)
+        self.sent: dict[int, Tensors] = {}
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(t.shape) for n, t in self.outer.params.items()}
+
+    def local_params(self, model: torch.nn.Module) -> Tensors:
+        named = dict(model.named_parameters())
+        return {n: named[n].detach().float().cpu() for n in self.names}
+
+    def outer_gradient(self, model: torch.nn.Module) -> Tensors:
+        """Δ_{m,p} = θ_p − θ_{m,p,local}: start minus end of the fragment's local progress."""
+        return outer_gradient(self.outer.params, self.local_params(model))
+
+    @torch.no_grad()
+    def apply(self, update: Mapping[str, torch.Tensor], model: torch.nn.Module, mixing: float = 0.0) -> None:
+        """θ_p ← Outer_p(θ_p, update), then merge the local copy: local ← α·local + (1 − α)·θ_p.
+
+        α = 0 (every variant's default) restarts the local copy from θ_p.
+        """
+        self.outer.step(update)
+        named = dict(model.named_parameters())
+        for name in self.names:
+            target = self.outer.params[name].to(named[name].device, named[name].dtype)
+            if mixing == 0.0:
+                named[name].copy_(target)
+            else:
+                named[name].mul_(mixing).add_(target, alpha=1.0 - mixing)

@@ -1,8 +1,9 @@
-"""`fl-diloco` command line: `fl-diloco train KEY=VALUE ...`.
+"""`fl-diloco` command line: `train`, `plan` and `export`.
 
 `train` composes the Hydra config in conf/ with the overrides and runs one job: a Flower
 simulation in this process for the DiLoCo algorithms, or the single-process data-parallel
-baseline for `algorithm=dp`.
+baseline for `algorithm=dp`. `plan` is the compute-utilization planner (fl_diloco/planner.py)
+and `export` writes a checkpoint as a Hugging Face Llama model (fl_diloco/export.py).
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ from fl_diloco.config import ConfigError, RunConfig
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 USAGE = """usage: fl-diloco train [KEY=VALUE ...]
+       fl-diloco plan [--help | FLAGS]                 compute utilization against bandwidth
+       fl-diloco export CHECKPOINT OUT_DIR [--overwrite]   as a Hugging Face Llama model
 
   Run one training job with the config in conf/ plus overrides, e.g.
     fl-diloco train algorithm=diloco model=tiny num_clients=4 inner_steps=30 rounds=20
     fl-diloco train algorithm=dp rounds=20          # data-parallel baseline, same token budget
+    fl-diloco train algorithm=eager delay=1         # eager updates, 1 outer step of overlap
+    fl-diloco train streaming=true fragments=2 overlap_steps=1 wire_precision=fp4
 
   Keys: {keys}
 """
@@ -66,6 +71,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # `python -m fl_diloco.main KEY=VALUE ...` means train.
     command, rest = ("train", argv) if "=" in argv[0] else (argv[0], argv[1:])
+    if command == "plan":
+        from fl_diloco.planner import main as plan_main
+
+        return plan_main(rest)
+    if command == "export":
+        from fl_diloco.export import main as export_main
+
+        return export_main(rest)
     if command != "train":
         print(f"unknown command '{command}'\n\n" + USAGE.format(keys=", ".join(RunConfig.keys())),
               file=sys.stderr)

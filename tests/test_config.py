@@ -34,6 +34,16 @@ def test_hydra_config_repeats_the_dataclass_defaults():
     ({"rounds": True}, "rounds must be of type int"),
     ({"outer_momentum": 1.5}, "outer_momentum must be in [0, 1)"),
     ({"out_dir": "relative/path"}, "out_dir must be an absolute path"),
+    ({"algorithm": "eager", "delay": 3}, "delay must be 1 or 2"),
+    ({"algorithm": "eager", "weighting": "tokens"}, "needs weighting=uniform"),
+    ({"fragments": 2}, "fragments=2 needs streaming=true"),
+    ({"streaming": True, "fragments": 4, "inner_steps": 30}, "inner_steps=30 is not a multiple of fragments=4"),
+    ({"streaming": True, "fragments": 2, "inner_steps": 30, "overlap_steps": 15}, "overlap_steps must be in [0, "),
+    ({"streaming": True, "algorithm": "eager", "overlap_steps": 1}, "overlap_steps and mixing must stay 0"),
+    ({"streaming": True, "mixing": 1.5}, "mixing must be in [0, 1]"),
+    ({"streaming": "maybe"}, "streaming must be true or false"),
+    ({"wire_precision": "int8"}, "wire_precision='int8' is not allowed"),
+    ({"fragment_pattern": "random", "streaming": True}, "fragment_pattern='random'"),
 ])
 def test_bad_values_name_the_key(values, needle):
     with pytest.raises(ConfigError, match=None) as err:
@@ -44,6 +54,14 @@ def test_bad_values_name_the_key(values, needle):
 def test_flower_style_keys_and_string_values_are_accepted():
     cfg = RunConfig.from_mapping({"inner-steps": "12", "outer-lr": "0.5", "model": "tiny"})
     assert cfg.inner_steps == 12 and cfg.outer_lr == 0.5
+
+
+def test_derived_schedule_values():
+    cfg = RunConfig.from_mapping({"streaming": "true", "fragments": 3, "inner_steps": 30, "rounds": 5,
+                                  "algorithm": "eager", "delay": 2, "wire_precision": "fp4"})
+    assert (cfg.num_fragments, cfg.sync_interval, cfg.flower_rounds, cfg.staleness) == (3, 10, 15, 2)
+    assert cfg.variant_label == "eager d=2, streaming P=3, fp4"
+    assert RunConfig().staleness == 0 and RunConfig().flower_rounds == RunConfig().rounds
 
 
 def test_cli_rejects_an_unknown_key_before_training(capsys):

@@ -141,3 +141,33 @@ def test_streaming_with_one_fragment_and_no_overlap_is_diloco(tmp_path):
     streaming, _ = run_in_process(cfg.replace(streaming=True, fragments=1))
     for name in diloco.params:
         assert torch.equal(streaming.params[name], diloco.params[name])
+
+
+def _bytes_up_per_round(strategy):
+    return [s.bytes_up for s in strategy.history]
+
+
+def test_fp4_wire_sends_at_most_0_14_of_fp32_bytes(tmp_path):
+    cfg = small_config(tmp_path, rounds=2, eval_every=100)
+    fp32, _ = run_in_process(cfg)
+    fp4, _ = run_in_process(cfg.replace(wire_precision="fp4"))
+    bf16, _ = run_in_process(cfg.replace(wire_precision="bf16"))
+    for quantized, bound in ((fp4, 0.14), (bf16, 0.51)):
+        assert sum(_bytes_up_per_round(quantized)) <= bound * sum(_bytes_up_per_round(fp32))
+        # The average comes down quantized too (round 2 carries round 1's average).
+        assert quantized.history[1].bytes_down <= bound * fp32.history[1].bytes_down
+
+
+def test_streaming_rounds_carry_one_fragment(tmp_path):
+    cfg = small_config(tmp_path, rounds=2, eval_every=100)
+    full, _ = run_in_process(cfg)
+    streaming, _ = run_in_process(cfg.replace(streaming=True, fragments=2))
+    assert len(streaming.history) == 2 * len(full.history)
+    sizes = {names[0]: sum(streaming.params[n].numel() for n in names) for names in streaming.fragments}
+    total = sum(sizes.values())
+    full_bytes = full.history[0].bytes_up
+    for stats in streaming.history:  # bytes follow the fragment's share of the parameters
+        share = sum(streaming.params[n].numel() for n in streaming.fragments[stats.fragment]) / total
+        assert stats.bytes_up == pytest.approx(share * full_bytes, rel=0.05)
+    # Over one outer step (P rounds) every parameter crossed once, as in one DiLoCo round.
+    assert sum(s.bytes_up for s in streaming.history[:2]) == pytest.approx(full_bytes, rel=0.05)

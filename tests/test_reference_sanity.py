@@ -219,3 +219,30 @@ def test_streaming_outer_gradient_is_taken_at_the_sync_not_when_applied(tmp_path
             torch.testing.assert_close(result.global_params[name], snapshots[last_sync][name],
                                        rtol=0, atol=1e-6)
             assert not torch.equal(snapshots[last_sync][name], snapshots[last_sync + 1][name])
+
+
+@pytest.mark.parametrize("mixing", [0.0, 0.5])
+def test_streaming_overlap_merges_tau_steps_after_the_sync(tmp_path, mixing):
+    # M = 1, η = 1, μ = 0: the outer step gives θ_p = local_p(s(r)) (the snapshot at the sync),
+    # so the run is plain AdamW where, τ steps after each sync, fragment p is merged as
+    # α·local_p + (1 − α)·snapshot_p. Replayed here with one trainer; catches an average applied
+    # at the sync instead of τ steps later, and a swapped α.
+    cfg = small_config(tmp_path, num_clients=1, rounds=2, inner_steps=4, streaming=True,
+                       fragments=2, overlap_steps=1, mixing=mixing, outer_lr=1.0,
+                       outer_momentum=0.0)
+    P, S, R, tau = cfg.num_fragments, cfg.sync_interval, cfg.flower_rounds, cfg.overlap_steps
+    result = reference_run(cfg)
+    replay = build_trainer(cfg, 0, 1, "cpu")
+    fragments = fragment_names(list(replay.parameters_fp32()), P, cfg.fragment_pattern)
+    snapshots = {}
+    for step in range(1, R * S + tau + 1):
+        replay.train_step()
+        if step % S == 0:
+            snapshots[step + tau] = (fragments[(step // S - 1) % P], replay.parameters_fp32())
+        if step in snapshots:
+            names, snapshot = snapshots.pop(step)
+            params = replay.parameters_fp32()
+            params.update({n: mixing * params[n] + (1 - mixing) * snapshot[n] for n in names})
+            replay.load_parameters(params)
+    for name, value in replay.parameters_fp32().items():
+        torch.testing.assert_close(result.worker_local_params[0][name], value, rtol=0, atol=1e-4)

@@ -1,0 +1,191 @@
+"""The planner (fl_diloco/planner.py) against the eager-updates paper's 1B table (SPEC §4).
+
+The paper reports, for a 1B model (24 layers, 0.1 s per step, fragments of 3 layers), the
+bandwidth in Gbit/s each method needs to reach 50/80/90/95/99 % compute utilization. Those
+figures are hard-coded below as the reference; everything else comes from the planner, with
+one set of assumptions for every row (see the planner's module docstring for why):
+
+    N = 1e9 (nominal), L = 24 equal blocks, T = 0.1 s, M = 2 over a ring, latency 0, P = 8,
+    data-parallel and unquantized streaming in bf16, FP4 counted as 4 bits per value.
+
+Printed: one line per cell (predicted, predicted snapped to the paper's bandwidth grid,
+paper, relative error), a Markdown table, each row's implied bits per value and shape
+error, two sensitivity variants, a verdict on the goal (every cell within 25 %), the reasons
+for the misses, and as the LAST line one JSON object with all figures.
+
+Usage:
+    .venv/bin/python bench/planner_vs_paper.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fl_diloco.planner import CU_TARGETS, Workload, bandwidth_for_cu, bits_per_value
+
+TOLERANCE = 0.25
+
+# SPEC §4: Gbit/s needed for CU 50 / 80 / 90 / 95 / 99 %, 1B model (reference values).
+# name -> (label, planner method, H, precision, paper figures); "full" = the paper's
+# unquantized wire format, which we infer to be bf16 (see evaluate's full_precision).
+PAPER_1B = {
+    "dp": ("Data-parallel", "dp", 100, "full", (86.8, 152.6, 184.2, 222.3, 569.0)),
+    "streaming": ("Streaming DiLoCo", "streaming", 100, "full", (1.4, 5.2, 9.1, 16.0, 28.1)),
+    "inner1-h30": ("Streaming, 1-inner-step overlap, FP4, H = 30", "streaming-inner1", 30,
+                   "fp4", (2.4, 3.6, 4.3, 4.3, 4.3)),
+    "inner1-h100": ("Streaming, 1-inner-step overlap, FP4, H = 100", "streaming-inner1", 100,
+                    "fp4", (0.4, 0.9, 1.7, 2.0, 3.0)),
+    "eager1-h30": ("Streaming, 1-outer-step overlap, FP4, H = 30", "streaming-eager1", 30,
+                   "fp4", (1.1, 2.0, 2.0, 2.0, 2.4)),
+    "eager1-h100": ("Streaming, 1-outer-step overlap, FP4, H = 100", "streaming-eager1", 100,
+                    "fp4", (0.1, 0.2, 0.2, 0.2, 0.2)),
+}
+
+# The inferred setup of the paper's simulation (one for every row).
+PAPER_WORKLOAD = Workload(params=1e9, layers=24, step_time=0.1, workers=2, inner_steps=100,
+                          fragments=8, grad_precision="bf16", topology="ring",
+                          fp4_scale_bits=0)
+
+# The paper's figures sit on np.logspace(-1, 3, 50) (0.1 to 1000 Gbit/s, x1.207 per point):
+# it reports the first simulated bandwidth whose CU reaches the target.
+PAPER_GRID = [10 ** (-1 + 4 * k / 49) for k in range(50)]
+
+# Why a row misses, when it does (figures in braces are filled in from the run).
+MISS_REASONS = {
+    "inner1-h30": (
+        "curve shape: the paper's row is nearly throughput-bound (B99/B50 = 1.8; planner "
+        "{ratio:.1f}). At the paper's 50 % point, 2.4 Gbit/s, one FP4 fragment (0.5 Gbit) "
+        "crosses in 0.21 s, less than the 0.375 s stall per sync a 50 % CU needs with a "
+        "fragment every 3.75 steps, so no model in which compute waits only for its own late "
+        "fragment gets that low. The row behaves like {bits:.1f} bits/value, i.e. as if the "
+        "H = 30 simulation moved ~2-3x the FP4 payload (or hid less of it) than the H = 100 "
+        "row, which this same model matches within 18 %."
+    ),
+    "eager1-h30": (
+        "scale: eager is link-throughput bound (CU = B / B_full, shape matches within "
+        "{shape:.0%}), but the paper needs {bits:.1f} bits/value where FP4 is 4."
+    ),
+    "eager1-h100": (
+        "scale: the paper's 0.2 Gbit/s for 99 % CU is below the mean rate needed to move "
+        "4 Gbit of FP4 outer gradients every 10 s (0.4 Gbit/s) at all: it implies {bits:.1f} "
+        "bits/value. The paper's eager rows scale as ~1/H^2 (2.0 vs 0.2 Gbit/s for H = 30 vs "
+        "100, x10), while any model where every bit crosses the link once per outer step "
+        "scales as 1/H (x3.3); no single payload serves both rows, so the planner keeps the "
+        "physical bound."
+    ),
+}
+
+
+def on_grid(bandwidth: float) -> float:
+    """The paper's reported figure for a true threshold: the first grid point at or above it."""
+    return next((g for g in PAPER_GRID if g >= bandwidth * (1 - 1e-9)), math.inf)
+
+
+def evaluate(base: Workload = PAPER_WORKLOAD, full_precision: str = "bf16") -> dict:
+    """Predict every cell of PAPER_1B with `base` (H and precision set per row)."""
+    cells, rows = [], {}
+    for name, (label, method, h, precision, paper) in PAPER_1B.items():
+        precision = full_precision if precision == "full" else precision
+        workload = base.replace(inner_steps=h, precision=precision, grad_precision=precision)
+        predicted = [bandwidth_for_cu(workload, method, t) for t in CU_TARGETS]
+        ratios = [p / q for p, q in zip(paper, predicted)]
+        scale = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+        bits = bits_per_value(precision, workload.fp4_block_size, workload.fp4_scale_bits)
+        rows[name] = {
+            "label": label, "method": method, "inner_steps": h, "precision": precision,
+            # payload that would best fit the row, and how far its shape is off after that
+            "assumed_bits_per_value": bits,
+            "implied_bits_per_value": bits * scale,
+            "shape_error": max(abs(r / scale - 1) for r in ratios),
+            "b99_over_b50_paper": paper[-1] / paper[0],
+            "b99_over_b50_planner": predicted[-1] / predicted[0],
+        }
+        for target, pred, ref in zip(CU_TARGETS, predicted, paper):
+            cells.append({
+                "row": name, "target_cu": target, "predicted_gbps": pred,
+                "predicted_on_grid_gbps": on_grid(pred), "paper_gbps": ref,
+                "rel_error": pred / ref - 1, "rel_error_on_grid": on_grid(pred) / ref - 1,
+            })
+    errors = [abs(c["rel_error"]) for c in cells]
+    return {
+        "cells": cells,
+        "rows": rows,
+        "max_abs_rel_error": max(errors),
+        "within_25pct": sum(e <= TOLERANCE for e in errors),
+        "within_25pct_on_grid": sum(abs(c["rel_error_on_grid"]) <= TOLERANCE for c in cells),
+        "cells_total": len(cells),
+    }
+
+
+def _summary(result: dict) -> dict:
+    return {k: result[k] for k in ("max_abs_rel_error", "within_25pct", "within_25pct_on_grid",
+                                   "cells_total")}
+
+
+def main() -> int:
+    result = evaluate()
+    w = PAPER_WORKLOAD
+    print(f"planner vs paper, 1B: N={w.params:.3g}, L={w.layers}, T={w.step_time} s, "
+          f"M={w.workers} ({w.topology}), P={w.fragments}, latency 0, fp4 = 4 bits\n")
+
+    print(f"{'row':12s} {'CU':>4s} {'predicted':>10s} {'on grid':>9s} {'paper':>7s} "
+          f"{'error':>7s}")
+    for c in result["cells"]:
+        mark = "ok" if abs(c["rel_error"]) <= TOLERANCE else "MISS"
+        print(f"{c['row']:12s} {c['target_cu']:4.0%} {c['predicted_gbps']:10.3g} "
+              f"{c['predicted_on_grid_gbps']:9.3g} {c['paper_gbps']:7.1f} "
+              f"{c['rel_error']:+7.0%} {mark}")
+
+    print("\n| method (1B) | " + " | ".join(f"CU {t:.0%}" for t in CU_TARGETS) + " |")
+    print("|---|" + "---|" * len(CU_TARGETS))
+    for name, (label, *_rest) in PAPER_1B.items():
+        cells = [c for c in result["cells"] if c["row"] == name]
+        print(f"| {label} | " + " | ".join(
+            f"{c['predicted_gbps']:.3g} vs {c['paper_gbps']:g} ({c['rel_error']:+.0%})"
+            for c in cells) + " |")
+
+    print("\nper row: payload that would fit it best, and its shape error after that fit")
+    for name, row in result["rows"].items():
+        print(f"  {name:12s} implied {row['implied_bits_per_value']:5.2f} bits/value "
+              f"(assumed {row['assumed_bits_per_value']:g}), shape error "
+              f"{row['shape_error']:.0%}, B99/B50 paper {row['b99_over_b50_paper']:.1f} "
+              f"planner {row['b99_over_b50_planner']:.1f}")
+
+    sensitivity = {
+        "fp4_with_block_scales_4.25_bits": _summary(evaluate(w.replace(fp4_scale_bits=32))),
+        "our_1b_preset_1.28e9_params": _summary(evaluate(w.replace(params=1.28e9))),
+        "unquantized_rows_in_fp32": _summary(evaluate(w, full_precision="fp32")),
+    }
+    print("\nsensitivity (cells within 25 % of 30):")
+    for name, s in sensitivity.items():
+        print(f"  {name:34s} {s['within_25pct']:2d}  (max error {s['max_abs_rel_error']:.0%})")
+
+    missed_rows = sorted({c["row"] for c in result["cells"] if abs(c["rel_error"]) > TOLERANCE})
+    goal = not missed_rows
+    print(f"\nverdict: {result['within_25pct']}/{result['cells_total']} cells within 25 % "
+          f"({result['within_25pct_on_grid']} after snapping to the paper's grid); max error "
+          f"{result['max_abs_rel_error']:.0%}. Goal (every cell within 25 %): "
+          f"{'met' if goal else 'NOT met'}.")
+    reasons = {}
+    for name in missed_rows:
+        row = result["rows"][name]
+        text = MISS_REASONS.get(name, "no specific diagnosis: shape error {shape:.0%}, implied "
+                                      "{bits:.1f} bits/value").format(
+            bits=row["implied_bits_per_value"], shape=row["shape_error"],
+            ratio=row["b99_over_b50_planner"])
+        reasons[name] = text
+        print(f"  miss {name}: {text}")
+
+    result.update(goal_met=goal, tolerance=TOLERANCE, miss_reasons=reasons,
+                  sensitivity=sensitivity)
+    print(json.dumps(result, separators=(",", ":")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

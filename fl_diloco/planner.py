@@ -1,0 +1,765 @@
+"""Compute-utilization planner: which method and settings keep the accelerators busy?
+
+Given a model (parameter count N and L transformer blocks, or a preset), a step time, M
+workers, H inner steps, P streaming fragments, a wire precision and a link (bandwidth in
+Gbit/s, latency in s), predict for each training method
+
+    CU = compute time / wall time
+
+and, inversely, the bandwidth needed to reach a target CU (50/80/90/95/99 %).
+
+Read top to bottom:
+
+    bits_per_value()          -- bits one value costs on the wire (fp4 block scales included)
+    step_time_from_flops()    -- 6·N·tokens / (MFU · peak FLOP/s)
+    Workload                  -- the model, the run and the wire (validated on construction)
+    workload_from_preset()    -- a Workload for fl_diloco.model.PRESETS[name]
+    Method, parse_method()    -- "dp", "diloco", "streaming", "-inner<τ>", "-eager<d>"
+    link_costs(), traffic_per_sync()  -- ring all-reduce vs Flower's star
+    predict()                 -- CU and wall time at one bandwidth
+    bandwidth_for_cu()        -- the inverse, by bisection
+    plot_cu_vs_bandwidth()    -- PNG, CU against log bandwidth, one line per method
+    main()                    -- `fl-diloco plan ...`: Markdown table + optional PNG
+
+The model
+=========
+
+Units: bandwidth B in Gbit/s = 1e9 bit/s per worker per direction (links are full duplex);
+a payload of n values at precision p is S = n · bits_per_value(p) bits. fp32 32, bf16 16,
+fp8 8 bits (its one fp32 scale per tensor is negligible), fp4 4 bits plus one fp32 scale per
+FP4_BLOCK_SIZE = 128 values (strategies/codecs.py), i.e. 4.25 bits.
+
+Bytes per sync, each worker (one sync = one all-reduce of a payload of S bits):
+
+(a) ring all-reduce between the sites (``topology="ring"``, bandwidth-optimal): reduce-scatter
+    then all-gather; each worker sends and receives 2·(M−1)/M · S (both at once, the link is
+    full duplex). Time: 2·(M−1)/M · S / B + 2·(M−1)·latency (2·(M−1) hops in sequence).
+    M = 2 gives S/B + 2·latency; M = 1 needs no communication at all.
+(b) Flower's star through the SuperLink (``topology="star"``): each worker uploads S and
+    downloads S; the SuperLink's own link carries M·S each way. Flower forwards messages
+    whole and broadcasts only after every upload has arrived, so upload and download do not
+    overlap: time = 2 · max(S / B, M·S / B_server) + 2·latency, B_server defaulting to B.
+    For the same reason a star sync cannot start before its whole payload is ready (no
+    per-layer pipelining, see below).
+
+Timeline inside one inner step of length T (the accelerator's view): the forward pass takes
+1/3 of T and the backward pass 2/3 (6·N FLOPs per token = 2·N forward + 4·N backward), both
+spread evenly over the L blocks. Block j (0 = nearest the input) therefore finishes its
+backward at T·(1/3 + (L−j)·(2/3)/L) and is next needed by the forward pass at
+T·(1 + j·(1/3)/L): the link has j/L·T of slack for block j, for free, because later blocks'
+backward and earlier blocks' forward still have to run. Non-block parameters (embedding,
+final norm, head; ``non_block_params``) are ready last and needed first: no slack. A ring
+sync streams its payload block by block in readiness order over one FIFO link, as a
+bucketed all-reduce does.
+
+What each method sends and when its result is needed (τ_eff = steps of overlap):
+
+    dp                  every step: all N gradients at ``grad_precision``; τ_eff = 0.
+                        The gradient all-reduce overlaps the rest of the backward and the
+                        next forward per block (the DAG slack above), like DDP buckets.
+    diloco              every H steps: all N outer-gradient values; τ_eff = 0 (blocking).
+    streaming           every H/P steps: one fragment (strided: blocks p, p+P, ...; the
+                        non-block parameters ride with the last fragment, as in
+                        strategies/fragments.py); τ_eff = 0.
+    <family>-inner<τ>   the average is applied τ inner steps later: τ_eff = τ (paper: τ = 1).
+    <family>-eager<d>   eager updates with d outer steps of delay: the average is needed d·H
+                        steps after the sync (per fragment for streaming), τ_eff = d·H.
+
+A sync's exposed time is max(0, max over its blocks of (arrival − deadline)), arrival being
+the FIFO link's finishing time for the block plus the latency and the deadline that block's
+next forward pass τ_eff steps later. Per period (1 step for dp, H steps for the rest):
+
+    compute = period·T
+    exposed = sum of the syncs' exposed times           (compute waits for late averages)
+    link    = sum of the syncs' transfer times          (the link can carry no more)
+    wall    = max(compute + exposed, link)
+    CU      = compute / wall ;   wall time for K steps = K·T / CU
+
+So blocking methods pay each sync's transfer minus its DAG slack; τ-step overlap hides up to
+τ·T more; eager hides up to d·H·T, which makes it link-throughput bound: different fragments'
+syncs share the one link, so all the bytes of an outer step must cross it within H steps of
+compute, and CU = min(1, B / B_full) with B_full = (bits per H steps) / (H·T). Syncs are
+assumed not to queue behind each other except through that throughput bound (exact for
+blocking and τ < H/P, where compute waits for each sync before the next one starts).
+CU rises monotonically with B (every arrival time falls as B grows), so the inverse is a
+bisection on log B; it returns inf when the target is out of reach (latency that no overlap
+hides, or non-block parameters with zero slack and a target of exactly 100 %), and 0 when
+even 1 bit/s suffices. With infinite bandwidth and zero latency every method reaches CU = 1.
+
+Validation against the eager-updates paper's 1B table (SPEC §4; bench/planner_vs_paper.py)
+==========================================================================================
+
+What the paper's simulation must assume was inferred from its numbers, then fixed once
+(no constant differs between rows or cells):
+
+* N = 1e9 (the nominal "1B"), L = 24 blocks of N/L each, T = 0.1 s, M = 2 over a ring
+  (2·(M−1)/M = 1), latency 0 (bandwidth is the only limit), P = 8 (3 blocks per fragment).
+* Data-parallel and unquantized Streaming DiLoCo send bf16 (16 bits per value): fp32 would
+  double every figure of those rows, and the payload that fits each row best is 14.1 and
+  15.3 bits. FP4 counts 4 bits per value (the τ = 1, H = 100 row implies 3.9), i.e. the
+  paper's simulation ignores block scales; the planner's default adds ours (4.25 bits).
+* The per-block DAG slack above. Without it blocking rows are far too steep (B99/B50 of
+  ~99 instead of the paper's ~20 for streaming); with it, the data-parallel, Streaming
+  DiLoCo and τ = 1, H = 100 rows land within 18 % of every cell (15 of 30 cells).
+* The plateaus (4.3 4.3 4.3, 2.0 2.0 2.0, 0.2 0.2 0.2 0.2): 17 of the table's 21 distinct
+  values are points of a log grid of 50 bandwidths from 0.1 to 1000 Gbit/s
+  (np.logspace(-1, 3, 50), a factor 1.207 apart) to the printed precision, and the other
+  four within 6 % of one. So the paper reports the first simulated bandwidth whose CU
+  reaches the target. When CU rises steeply, as for throughput-bound overlap (CU = B/B_full:
+  80 % to 99 % is a factor 1.24, about one grid step) or once a transfer just fits under
+  its overlap window, several targets fall between the same two grid points and report the
+  same value. The flat rows are that knee, not a ceiling below 100 % (with latency 0 every
+  method here reaches 100 %; latency that no overlap hides is what caps CU). The planner
+  predicts the continuous threshold; the bench also shows it snapped to the grid.
+* What does not match: the H = 30 rows (τ = 1 and eager) need 1.4 to 2.6 times the
+  bandwidth this model predicts (τ = 1 also with a steeper curve), and the eager H = 100
+  row about half. The paper's eager rows scale as ~1/H² (2.0 vs 0.2 Gbit/s, ×10 for H 100
+  → 30) where any model in which every bit crosses the link once per outer step scales as
+  1/H (×3.3); and 0.2 Gbit/s is less than the mean rate needed to move 4 Gbit of FP4 every
+  10 s at all. We keep the physical bound rather than fit per-row constants; the bench
+  prints each row's implied bits per value and shape error so the disagreement is explicit.
+
+Known limits: steady state (the first and last syncs of a run are ignored); one link per
+worker shared by all its traffic; compute per step is uniform; optimizer time is ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "CU_TARGETS",
+    "FP4_BLOCK_SIZE",
+    "METHODS",
+    "Method",
+    "Prediction",
+    "Workload",
+    "bandwidth_for_cu",
+    "bits_per_value",
+    "link_costs",
+    "main",
+    "parse_method",
+    "plan_table",
+    "plot_cu_vs_bandwidth",
+    "predict",
+    "step_time_from_flops",
+    "traffic_per_sync",
+    "workload_from_preset",
+]
+
+# --------------------------------------------------------------------------------------
+# Constants
+# --------------------------------------------------------------------------------------
+
+GBIT = 1e9  # bits per Gbit (network units are decimal)
+FORWARD_SHARE = 1 / 3  # 6N FLOPs per token: 2N forward, 4N backward
+PRECISIONS = ("fp32", "bf16", "fp8", "fp4")
+_VALUE_BITS = {"fp32": 32, "bf16": 16, "fp8": 8, "fp4": 4}
+FP4_BLOCK_SIZE = 128  # must equal strategies.codecs.FP4_BLOCK_SIZE (a test checks it)
+FP4_SCALE_BITS = 32  # one float32 absmax per block
+TOPOLOGIES = ("ring", "star")
+FRAGMENT_PATTERNS = ("strided", "sequential")
+PAPER_BLOCKS_PER_FRAGMENT = 3  # Streaming DiLoCo's fragments, at every scale
+CU_TARGETS = (0.5, 0.8, 0.9, 0.95, 0.99)
+METHODS = (
+    "dp",
+    "diloco",
+    "diloco-inner1",
+    "diloco-eager1",
+    "diloco-eager2",
+    "streaming",
+    "streaming-inner1",
+    "streaming-eager1",
+    "streaming-eager2",
+)
+_BANDWIDTH_FLOOR_GBPS = 1e-9  # 1 bit/s: below this "any bandwidth will do"
+_BANDWIDTH_CEILING_GBPS = 1e12  # beyond this a target counts as unreachable
+
+
+def bits_per_value(precision: str, fp4_block_size: int = FP4_BLOCK_SIZE,
+                   fp4_scale_bits: int = FP4_SCALE_BITS) -> float:
+    """Bits one value costs on the wire, scale overhead included (fp4: 4 + 32/128 = 4.25)."""
+    if precision not in _VALUE_BITS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp4":
+        return _VALUE_BITS["fp4"] + fp4_scale_bits / fp4_block_size
+    return float(_VALUE_BITS[precision])
+
+
+def step_time_from_flops(params: float, tokens_per_step: float, mfu: float,
+                         peak_flops: float) -> float:
+    """Seconds per inner step: 6·N·tokens_per_step / (MFU · peak FLOP/s)."""
+    _require(params > 0, "params", "must be > 0", params)
+    _require(tokens_per_step > 0, "tokens_per_step", "must be > 0", tokens_per_step)
+    _require(0 < mfu <= 1, "mfu", "must be in (0, 1]", mfu)
+    _require(peak_flops > 0, "peak_flops", "must be > 0", peak_flops)
+    return 6.0 * params * tokens_per_step / (mfu * peak_flops)
+
+
+def _require(ok: bool, name: str, what: str, value: object) -> None:
+    if not ok:
+        raise ValueError(f"{name} {what}, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------
+# Workload
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One model on one setup. ``params`` counts every parameter once (tied matrices once)."""
+
+    params: float  # N
+    layers: int  # L transformer blocks
+    step_time: float  # T, seconds of compute per inner step
+    workers: int = 2  # M sites
+    inner_steps: int = 100  # H
+    fragments: int | None = None  # P (streaming); None: 3 blocks per fragment, at least 1.
+    #                                H/P need not be an integer for the timing model
+    precision: str = "fp32"  # outer gradients on the wire (DiLoCo family)
+    grad_precision: str = "bf16"  # gradients on the wire (data-parallel)
+    non_block_params: float = 0.0  # embedding, final norm, head: part of `params`
+    fragment_pattern: str = "strided"
+    topology: str = "ring"
+    server_bandwidth_gbps: float | None = None  # star only; None = same as the workers'
+    fp4_block_size: int = FP4_BLOCK_SIZE
+    fp4_scale_bits: int = FP4_SCALE_BITS
+
+    def __post_init__(self) -> None:
+        if self.fragments is None and isinstance(self.layers, int) and self.layers >= 1:
+            object.__setattr__(self, "fragments", max(1, self.layers // PAPER_BLOCKS_PER_FRAGMENT))
+        for name in ("layers", "workers", "inner_steps", "fragments", "fp4_block_size",
+                     "fp4_scale_bits"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and not isinstance(value, bool), name,
+                     "must be an int", value)
+            _require(value >= (0 if name == "fp4_scale_bits" else 1), name,
+                     "must be >= 1" if name != "fp4_scale_bits" else "must be >= 0", value)
+        for name in ("params", "step_time"):
+            value = getattr(self, name)
+            _require(isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
+                     name, "must be a finite number > 0", value)
+        _require(0 <= self.non_block_params < self.params, "non_block_params",
+                 f"must be in [0, params={self.params:g})", self.non_block_params)
+        _require(self.fragments <= self.layers, "fragments",
+                 f"must be between 1 and layers={self.layers}", self.fragments)
+        for name, allowed in (("precision", PRECISIONS), ("grad_precision", PRECISIONS),
+                              ("fragment_pattern", FRAGMENT_PATTERNS),
+                              ("topology", TOPOLOGIES)):
+            value = getattr(self, name)
+            _require(value in allowed, name, f"must be one of {', '.join(allowed)}", value)
+        if self.server_bandwidth_gbps is not None:
+            _require(self.server_bandwidth_gbps > 0, "server_bandwidth_gbps", "must be > 0",
+                     self.server_bandwidth_gbps)
+
+    @property
+    def block_params(self) -> float:
+        """Parameters of one transformer block."""
+        return (self.params - self.non_block_params) / self.layers
+
+    def replace(self, **changes: object) -> Workload:
+        return dataclasses.replace(self, **changes)
+
+
+def workload_from_preset(name: str, step_time: float, **kwargs: object) -> Workload:
+    """A Workload for ``fl_diloco.model.PRESETS[name]``: exact N, L and non-block size."""
+    # fl_diloco.model imports torch: only pay for it when a preset is asked for.
+    from fl_diloco.model import count_parameters, model_config
+
+    cfg = model_config(name)
+    one, two = (count_parameters(dataclasses.replace(cfg, n_layers=n)) for n in (1, 2))
+    params = count_parameters(cfg)
+    non_block = params - cfg.n_layers * (two - one)
+    return Workload(params=float(params), layers=cfg.n_layers, step_time=step_time,
+                    non_block_params=float(non_block), **kwargs)
+
+
+# --------------------------------------------------------------------------------------
+# Methods
+# --------------------------------------------------------------------------------------
+
+_METHOD_RE = re.compile(r"^(dp|diloco|streaming)(?:-(inner|eager)(\d+))?$")
+
+
+@dataclass(frozen=True)
+class Method:
+    family: str  # "dp" | "diloco" | "streaming"
+    overlap: str = "none"  # "none" | "inner" (τ inner steps) | "eager" (d outer steps)
+    steps: int = 0  # τ or d
+
+    @property
+    def name(self) -> str:
+        if self.overlap == "none":
+            return self.family
+        return f"{self.family}-{self.overlap}{self.steps}"
+
+    def overlap_steps(self, inner_steps: int) -> int:
+        """τ_eff: inner steps between a sync and the forward pass that needs its result."""
+        if self.overlap == "inner":
+            return self.steps
+        if self.overlap == "eager":
+            return self.steps * inner_steps
+        return 0
+
+
+def parse_method(name: str | Method) -> Method:
+    """'dp', 'diloco', 'streaming', optionally with '-inner<τ>' or '-eager<d>' (τ, d >= 1)."""
+    if isinstance(name, Method):
+        return name
+    match = _METHOD_RE.match(name) if isinstance(name, str) else None
+    if not match or (match.group(1) == "dp" and match.group(2)) or match.group(3) == "0":
+        raise ValueError(
+            f"method must be dp, diloco or streaming, the last two optionally followed by "
+            f"-inner<τ> or -eager<d> with τ, d >= 1 (e.g. {', '.join(METHODS[1:5])}), "
+            f"got {name!r}"
+        )
+    family, overlap, steps = match.groups()
+    return Method(family, overlap or "none", int(steps or 0))
+
+
+# --------------------------------------------------------------------------------------
+# Link model
+# --------------------------------------------------------------------------------------
+
+
+def link_costs(workload: Workload, bandwidth_gbps: float, latency_s: float) -> tuple[float, float]:
+    """(seconds per payload bit, seconds of latency per sync) for one worker's sync."""
+    m = workload.workers
+    if workload.topology == "ring":
+        if m == 1:
+            return 0.0, 0.0
+        per_bit = 2 * (m - 1) / m / (bandwidth_gbps * GBIT)
+        return per_bit, 2 * (m - 1) * latency_s
+    server = workload.server_bandwidth_gbps or bandwidth_gbps
+    per_bit = 2 * max(1 / (bandwidth_gbps * GBIT), m / (server * GBIT))
+    return per_bit, 2 * latency_s
+
+
+def traffic_per_sync(workload: Workload, payload_bytes: float) -> dict[str, float]:
+    """Bytes each worker sends and receives for one sync, and the server's each way (star)."""
+    m = workload.workers
+    if workload.topology == "ring":
+        each = 2 * (m - 1) / m * payload_bytes
+        return {"sent_per_worker": each, "received_per_worker": each, "server_each_way": 0.0}
+    return {"sent_per_worker": payload_bytes, "received_per_worker": payload_bytes,
+            "server_each_way": m * payload_bytes}
+
+
+# --------------------------------------------------------------------------------------
+# Syncs and their timing
+# --------------------------------------------------------------------------------------
+
+_NON_BLOCK = -1  # chunk id for the embedding/norm/head
+
+
+def _fragment_blocks(workload: Workload) -> list[list[int]]:
+    """Blocks of each fragment (same layouts as strategies/fragments.py)."""
+    n, p = workload.layers, workload.fragments
+    if workload.fragment_pattern == "strided":
+        return [list(range(i, n, p)) for i in range(p)]
+    sizes = [n // p + (1 if i < n % p else 0) for i in range(p)]
+    starts = [sum(sizes[:i]) for i in range(p)]
+    return [list(range(s, s + k)) for s, k in zip(starts, sizes)]
+
+
+def _syncs(workload: Workload, method: Method) -> tuple[int, float, list[list[int]]]:
+    """(period in inner steps, bits per value, block ids of each sync in one period)."""
+    everything = [*range(workload.layers), _NON_BLOCK]
+    if method.family == "dp":
+        return 1, bits_per_value(workload.grad_precision, workload.fp4_block_size,
+                                 workload.fp4_scale_bits), [everything]
+    bits = bits_per_value(workload.precision, workload.fp4_block_size, workload.fp4_scale_bits)
+    if method.family == "diloco":
+        return workload.inner_steps, bits, [everything]
+    fragments = _fragment_blocks(workload)
+    fragments[-1].append(_NON_BLOCK)
+    return workload.inner_steps, bits, fragments
+
+
+def _ready(workload: Workload, block: int) -> float:
+    """When a block's values are final, in steps from the start of the syncing step."""
+    if block == _NON_BLOCK:
+        return 1.0
+    backward = 1.0 - FORWARD_SHARE
+    return FORWARD_SHARE + (workload.layers - block) * backward / workload.layers
+
+
+def _needed(workload: Workload, block: int, overlap_steps: int) -> float:
+    """When the next forward pass needs the synced block, in steps (same origin)."""
+    start = 1.0 + overlap_steps
+    return start if block == _NON_BLOCK else start + block * FORWARD_SHARE / workload.layers
+
+
+def _exposed_seconds(workload: Workload, blocks: list[int], bits: float, overlap_steps: int,
+                     per_bit: float, latency: float) -> tuple[float, float]:
+    """(seconds the compute waits for this sync, seconds the link is busy with it)."""
+    t = workload.step_time
+    ready = {b: _ready(workload, b) * t for b in blocks}
+    if workload.topology == "star":  # Flower ships the message whole
+        last = max(ready.values())
+        ready = dict.fromkeys(blocks, last)
+    link_free, worst, busy = 0.0, 0.0, 0.0
+    for block in sorted(blocks, key=lambda b: ready[b]):
+        size = workload.non_block_params if block == _NON_BLOCK else workload.block_params
+        transfer = size * bits * per_bit
+        link_free = max(link_free, ready[block]) + transfer
+        busy += transfer
+        if size > 0:
+            worst = max(worst, link_free + latency - _needed(workload, block, overlap_steps) * t)
+    return worst, busy
+
+
+# --------------------------------------------------------------------------------------
+# Predictions
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prediction:
+    method: str
+    bandwidth_gbps: float
+    latency_s: float
+    cu: float  # compute time / wall time
+    steps: int
+    compute_seconds: float
+    wall_seconds: float  # for `steps` inner steps
+    period_steps: int  # 1 for dp, H for the rest
+    syncs_per_period: int
+    payload_bytes_per_sync: float  # mean over the period's syncs
+    sent_bytes_per_worker_per_sync: float
+    received_bytes_per_worker_per_sync: float
+    server_bytes_each_way_per_sync: float  # star only
+    exposed_seconds_per_period: float
+    link_utilization: float  # link busy time / wall time
+
+
+def _check_link(bandwidth_gbps: float, latency_s: float) -> None:
+    _require(isinstance(bandwidth_gbps, (int, float)) and bandwidth_gbps > 0, "bandwidth_gbps",
+             "must be > 0 (math.inf allowed)", bandwidth_gbps)
+    _require(isinstance(latency_s, (int, float)) and 0 <= latency_s < math.inf, "latency_s",
+             "must be a finite number >= 0", latency_s)
+
+
+def predict(workload: Workload, method: str | Method, bandwidth_gbps: float,
+            latency_s: float = 0.0, steps: int | None = None) -> Prediction:
+    """CU and wall time of `method` at `bandwidth_gbps` (Gbit/s per worker, each way)."""
+    method = parse_method(method)
+    _check_link(bandwidth_gbps, latency_s)
+    steps = workload.inner_steps if steps is None else steps
+    _require(isinstance(steps, int) and steps >= 1, "steps", "must be an int >= 1", steps)
+
+    period, bits, syncs = _syncs(workload, method)
+    per_bit, latency = link_costs(workload, bandwidth_gbps, latency_s)
+    overlap = method.overlap_steps(workload.inner_steps)
+    exposed = busy = 0.0
+    for blocks in syncs:
+        wait, link = _exposed_seconds(workload, blocks, bits, overlap, per_bit, latency)
+        exposed += max(0.0, wait)
+        busy += link
+    compute = period * workload.step_time
+    wall = max(compute + exposed, busy)
+    cu = compute / wall
+
+    payload_bytes = (workload.params * bits / 8) / len(syncs)
+    traffic = traffic_per_sync(workload, payload_bytes)
+    return Prediction(
+        method=method.name, bandwidth_gbps=bandwidth_gbps, latency_s=latency_s, cu=cu,
+        steps=steps, compute_seconds=steps * workload.step_time,
+        wall_seconds=steps * workload.step_time / cu, period_steps=period,
+        syncs_per_period=len(syncs), payload_bytes_per_sync=payload_bytes,
+        sent_bytes_per_worker_per_sync=traffic["sent_per_worker"],
+        received_bytes_per_worker_per_sync=traffic["received_per_worker"],
+        server_bytes_each_way_per_sync=traffic["server_each_way"],
+        exposed_seconds_per_period=exposed, link_utilization=busy / wall,
+    )
+
+
+def bandwidth_for_cu(workload: Workload, method: str | Method, target_cu: float,
+                     latency_s: float = 0.0, rel_tol: float = 1e-6) -> float:
+    """Smallest bandwidth (Gbit/s) at which `method` reaches `target_cu`.
+
+    inf if no bandwidth reaches it (see the module docstring), 0.0 if any bandwidth does.
+    """
+    method = parse_method(method)
+    _require(isinstance(target_cu, (int, float)) and 0 < target_cu <= 1, "target_cu",
+             "must be in (0, 1]", target_cu)
+    _check_link(1.0, latency_s)
+
+    def reaches(bandwidth: float) -> bool:
+        return predict(workload, method, bandwidth, latency_s).cu >= target_cu * (1 - 1e-12)
+
+    if not reaches(_BANDWIDTH_CEILING_GBPS):
+        return math.inf
+    if reaches(_BANDWIDTH_FLOOR_GBPS):
+        return 0.0
+    lo, hi = _BANDWIDTH_FLOOR_GBPS, _BANDWIDTH_CEILING_GBPS  # CU(lo) < target <= CU(hi)
+    while hi / lo > 1 + rel_tol:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (lo, mid) if reaches(mid) else (mid, hi)
+    return hi
+
+
+def plan_table(workload: Workload, methods: Sequence[str] = METHODS,
+               targets: Sequence[float] = CU_TARGETS, latency_s: float = 0.0,
+               bandwidth_gbps: float | None = None, steps: int | None = None) -> str:
+    """Markdown table: Gbit/s needed per target CU, per method (+ CU at `bandwidth_gbps`)."""
+    head = ["method", "payload/sync"] + [f"Gbit/s for {t:.0%}" for t in targets]
+    if bandwidth_gbps is not None:
+        k = workload.inner_steps if steps is None else steps
+        head += [f"CU at {bandwidth_gbps:g} Gbit/s", f"wall s / {k} steps"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in methods:
+        method = parse_method(name)
+        ref = predict(workload, method, math.inf, latency_s)
+        row = [method.name, _fmt_bytes(ref.payload_bytes_per_sync)]
+        row += [_fmt_gbps(bandwidth_for_cu(workload, method, t, latency_s)) for t in targets]
+        if bandwidth_gbps is not None:
+            p = predict(workload, method, bandwidth_gbps, latency_s, steps)
+            row += [f"{p.cu:.1%}", f"{p.wall_seconds:.4g}"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _fmt_gbps(x: float) -> str:
+    if math.isinf(x):
+        return "unreachable"
+    return "any" if x == 0 else f"{x:.3g}"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+# --------------------------------------------------------------------------------------
+# Plot
+# --------------------------------------------------------------------------------------
+
+
+def plot_cu_vs_bandwidth(workload: Workload, path: str, methods: Sequence[str] = METHODS,
+                         latency_s: float = 0.0,
+                         bandwidth_range: tuple[float, float] | None = None) -> str:
+    """Write a PNG of CU (%) against bandwidth (Gbit/s, log axis), one line per method."""
+    # The Agg canvas directly: no display needed, and pyplot's global backend is left alone.
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    parsed = [parse_method(m) for m in methods]
+    if bandwidth_range is None:  # from a tenth of the easiest 50 % to 10x the hardest 99 %
+        needs = [bandwidth_for_cu(workload, m, t, latency_s) for m in parsed for t in (0.5, 0.99)]
+        finite = [b for b in needs if 0 < b < math.inf] or [1.0]
+        bandwidth_range = (min(finite) / 10, max(finite) * 10)
+    lo, hi = bandwidth_range
+    _require(0 < lo < hi, "bandwidth_range", "must be (low, high) with 0 < low < high",
+             bandwidth_range)
+    grid = np.logspace(math.log10(lo), math.log10(hi), 300)
+    colors = {"dp": "black", "diloco": "tab:blue", "streaming": "tab:orange"}
+    dashes = {"none": "-", "inner": "--", "eager": ":"}
+    fig = Figure(figsize=(8, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for m in parsed:
+        style = "-." if m.overlap == "eager" and m.steps >= 2 else dashes[m.overlap]
+        ax.plot(grid, [100 * predict(workload, m, float(b), latency_s).cu for b in grid],
+                label=m.name, color=colors[m.family], linestyle=style)
+    ax.set_xscale("log")
+    ax.set_ylim(0, 101)
+    ax.set_xlabel("bandwidth per worker (Gbit/s)")
+    ax.set_ylabel("compute utilization (%)")
+    ax.set_title(f"N={workload.params:.3g}, L={workload.layers}, T={workload.step_time:g} s, "
+                 f"M={workload.workers}, H={workload.inner_steps}, P={workload.fragments}, "
+                 f"{workload.precision}, latency {latency_s:g} s", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# CLI: fl-diloco plan ...
+# --------------------------------------------------------------------------------------
+
+
+def _number(kind: type, low: float, low_ok: bool, what: str):
+    def parse(text: str):
+        try:
+            value = kind(float(text)) if kind is int and "e" in text.lower() else kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if kind is int and float(text) != value:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        if not (math.isfinite(value) and (value >= low if low_ok else value > low)):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+    return parse
+
+
+_POS_FLOAT = _number(float, 0, False, "a number > 0")
+_NONNEG_FLOAT = _number(float, 0, True, "a number >= 0")
+_POS_INT = _number(int, 1, True, "an integer >= 1")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from fl_diloco.model import PRESETS  # imports torch: only when the CLI runs
+
+    p = argparse.ArgumentParser(
+        prog="fl-diloco plan",
+        description="Predict compute utilization (CU) per method, and the bandwidth each "
+                    "needs for a target CU. Prints a Markdown table.",
+    )
+    m = p.add_argument_group("model (one of)")
+    m.add_argument("--model", choices=list(PRESETS), help="a preset from fl_diloco.model")
+    m.add_argument("--params", type=_POS_FLOAT, help="parameter count N (with --layers)")
+    m.add_argument("--layers", type=_POS_INT, help="transformer blocks L (with --params)")
+    m.add_argument("--non-block-params", type=_NONNEG_FLOAT, default=0.0,
+                   help="embedding/norm/head parameters inside N (default 0)")
+    t = p.add_argument_group("step time (one of)")
+    t.add_argument("--step-time", type=_POS_FLOAT, help="seconds per inner step")
+    t.add_argument("--tokens-per-step", type=_POS_FLOAT, help="tokens per inner step")
+    t.add_argument("--mfu", type=_POS_FLOAT, help="model FLOPs utilization in (0, 1]")
+    t.add_argument("--peak-flops", type=_POS_FLOAT, help="peak FLOP/s of one worker")
+    r = p.add_argument_group("run")
+    r.add_argument("--workers", type=_POS_INT, default=2, help="M sites (default 2)")
+    r.add_argument("--inner-steps", type=_POS_INT, default=100, help="H (default 100)")
+    r.add_argument("--fragments", type=_POS_INT, help="P (default: 3 blocks per fragment)")
+    r.add_argument("--layers-per-fragment", type=_POS_INT,
+                   help="blocks per fragment instead of --fragments (paper: 3)")
+    r.add_argument("--fragment-pattern", choices=FRAGMENT_PATTERNS, default="strided")
+    r.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="outer gradients on the wire (default fp32)")
+    r.add_argument("--dp-precision", choices=PRECISIONS, default="bf16",
+                   help="data-parallel gradients on the wire (default bf16)")
+    r.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated (default: {','.join(METHODS)})")
+    n = p.add_argument_group("network")
+    n.add_argument("--topology", choices=TOPOLOGIES, default="ring",
+                   help="ring all-reduce between sites, or Flower's star (default ring)")
+    n.add_argument("--server-bandwidth", type=_POS_FLOAT,
+                   help="SuperLink Gbit/s for --topology star (default: same as the workers')")
+    n.add_argument("--latency", type=_NONNEG_FLOAT, default=0.0,
+                   help="one-way delay per hop in s (default 0); a ring sync pays 2(M-1) "
+                        "hops, a star sync 2")
+    n.add_argument("--bandwidth", type=_POS_FLOAT, help="Gbit/s: add CU and wall-time columns")
+    n.add_argument("--steps", type=_POS_INT,
+                   help="inner steps for the wall-time column (default H)")
+    o = p.add_argument_group("output")
+    o.add_argument("--targets", default="50,80,90,95,99",
+                   help="CU targets in %% (default 50,80,90,95,99)")
+    o.add_argument("--plot", metavar="PATH", help="write a PNG of CU vs bandwidth (default: none)")
+    return p
+
+
+def _workload_from_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> Workload:
+    if (a.model is None) == (a.params is None):
+        p.error("give either --model PRESET or --params N with --layers L")
+    if a.params is not None and a.layers is None:
+        p.error("--params needs --layers")
+    if a.model is not None and a.layers is not None:
+        p.error("--layers goes with --params, not with --model")
+    flops = (a.tokens_per_step, a.mfu, a.peak_flops)
+    if a.step_time is None and None in flops:
+        p.error("give --step-time, or all of --tokens-per-step, --mfu and --peak-flops")
+    if a.step_time is not None and any(x is not None for x in flops):
+        p.error("--step-time excludes --tokens-per-step/--mfu/--peak-flops")
+    if a.mfu is not None and a.mfu > 1:
+        p.error(f"--mfu must be in (0, 1], got {a.mfu}")
+    if a.fragments is not None and a.layers_per_fragment is not None:
+        p.error("give --fragments or --layers-per-fragment, not both")
+
+    if a.model is not None:
+        from fl_diloco.model import count_parameters, model_config
+
+        cfg = model_config(a.model)
+        params, layers = float(count_parameters(cfg)), cfg.n_layers
+    else:
+        params, layers = a.params, a.layers
+    step_time = a.step_time or step_time_from_flops(params, *flops)
+    per_fragment = a.layers_per_fragment or PAPER_BLOCKS_PER_FRAGMENT
+    if per_fragment > layers:
+        p.error(f"--layers-per-fragment must be between 1 and the model's {layers} layers, "
+                f"got {per_fragment}")
+    fragments = a.fragments or max(1, layers // per_fragment)
+    if fragments > layers:
+        p.error(f"--fragments must be between 1 and the model's {layers} layers, got {fragments}")
+    if a.model is None and a.non_block_params >= params:
+        p.error(f"--non-block-params must be < --params ({params:g}), got {a.non_block_params:g}")
+    if a.server_bandwidth is not None and a.topology != "star":
+        p.error("--server-bandwidth only applies to --topology star")
+    common = {"step_time": step_time, "workers": a.workers, "inner_steps": a.inner_steps,
+              "fragments": fragments, "precision": a.precision,
+              "grad_precision": a.dp_precision, "fragment_pattern": a.fragment_pattern,
+              "topology": a.topology, "server_bandwidth_gbps": a.server_bandwidth}
+    if a.model is not None:
+        return workload_from_preset(a.model, **common)
+    return Workload(params=params, layers=layers, non_block_params=a.non_block_params, **common)
+
+
+def _parse_list(p: argparse.ArgumentParser, flag: str, text: str, parse) -> list:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
+        p.error(f"{flag} must not be empty")
+    try:
+        return [parse(s) for s in items]
+    except ValueError as err:
+        p.error(f"{flag}: {err}")
+
+
+def _target(text: str) -> float:
+    value = float(text) / 100
+    if not 0 < value <= 1:
+        raise ValueError(f"each target must be a percentage in (0, 100], got {text!r}")
+    return value
+
+
+def _describe(workload: Workload, methods: Sequence[str], latency_s: float) -> str:
+    w = workload
+    bits = bits_per_value(w.precision, w.fp4_block_size, w.fp4_scale_bits)
+    text = (f"N = {w.params:,.0f} params ({w.non_block_params:,.0f} outside the blocks), "
+            f"L = {w.layers}, T = {w.step_time:.4g} s/step, M = {w.workers} ({w.topology}),\n"
+            f"H = {w.inner_steps}, P = {w.fragments} ({w.fragment_pattern}), wire {w.precision} "
+            f"({bits:g} bits/value; dp {w.grad_precision}), latency {latency_s:g} s")
+    streaming = any(parse_method(m).family == "streaming" for m in methods)
+    if streaming and w.inner_steps % w.fragments:
+        text += (f"\nnote: H = {w.inner_steps} is not a multiple of P = {w.fragments}: training "
+                 f"rejects that (SPEC §2); the timing model uses H/P = "
+                 f"{w.inner_steps / w.fragments:g} steps as is")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`fl-diloco plan ...`: print the planning table; 0 on success, 2 on bad input."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+        workload = _workload_from_args(parser, args)
+        methods = _parse_list(parser, "--methods", args.methods, lambda s: parse_method(s).name)
+        targets = _parse_list(parser, "--targets", args.targets, _target)
+    except SystemExit as stop:  # argparse: --help (0) or a usage error (2), already printed
+        return int(stop.code or 0)
+    except ValueError as err:  # anything the flag checks above did not catch
+        print(f"fl-diloco plan: error: {err}", file=sys.stderr)
+        return 2
+
+    print(_describe(workload, methods, args.latency))
+    print()
+    print(plan_table(workload, methods, targets, args.latency, args.bandwidth, args.steps))
+    if args.plot:
+        plot_cu_vs_bandwidth(workload, args.plot, methods, args.latency)
+        print(f"\nplot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

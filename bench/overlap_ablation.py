@@ -8,7 +8,9 @@ workers' idle fraction (seconds spent waiting for an average / seconds existing)
 
 Outputs, under --out-dir (default ./runs/overlap-ablation-H<H>):
   <row>/                 each run's own outputs (summary.json, metrics.jsonl, checkpoint, ...)
-  table.md               the Markdown table
+  table.md               the Markdown table (bytes summed over all workers and rounds; the
+                         θ(0) each worker receives once at start is left out of "bytes down";
+                         dp's bytes are modelled, see fl_diloco/dp_baseline.py)
   eval_loss_vs_tokens.png   one line per row
 and, as the LAST line of stdout, one JSON object with every row's figures.
 
@@ -75,6 +77,11 @@ def idle_fraction(summary: dict) -> float | None:
     return summary["idle_seconds"] / busy if busy > 0 else None
 
 
+def rounds_bytes_down(summary: dict) -> int:
+    """Bytes down during the rounds: without the one-off θ(0) every worker gets at start."""
+    return summary["bytes_down"] - summary.get("setup_bytes_down", 0)
+
+
 def table(rows: dict[str, dict], baseline: str) -> str:
     base_loss = rows[baseline]["final_eval_loss"] if baseline in rows else None
     lines = ["| row | overlap (paper's Table 2 row) | eval loss | ratio to diloco | bytes up | "
@@ -84,7 +91,7 @@ def table(rows: dict[str, dict], baseline: str) -> str:
         ratio = f"{s['final_eval_loss'] / base_loss:.4f}" if base_loss else "-"
         idle = idle_fraction(s)
         lines.append(f"| {name} | {ROWS[name][0]} | {s['final_eval_loss']:.4f} | {ratio} | "
-                     f"{s['bytes_up'] / 1e6:.1f} MB | {s['bytes_down'] / 1e6:.1f} MB | "
+                     f"{s['bytes_up'] / 1e6:.1f} MB | {rounds_bytes_down(s) / 1e6:.1f} MB | "
                      f"{'-' if idle is None else f'{idle:.3f}'} |")
     return "\n".join(lines)
 
@@ -148,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     base_loss = rows[baseline]["final_eval_loss"] if baseline in rows else None
     figures = {name: {"final_eval_loss": s["final_eval_loss"],
                       "ratio_to_diloco": s["final_eval_loss"] / base_loss if base_loss else None,
-                      "tokens": s["tokens"], "bytes_up": s["bytes_up"], "bytes_down": s["bytes_down"],
+                      "tokens": s["tokens"], "bytes_up": s["bytes_up"], "bytes_down": rounds_bytes_down(s),
                       "idle_fraction": idle_fraction(s), "wall_seconds": s["wall_seconds"]}
                for name, s in rows.items()}
     print(json.dumps({"benchmark": "overlap_ablation", "model": args.model, "num_clients": args.num_clients,

@@ -12,12 +12,12 @@ Read top to bottom:
     MLP              -- SwiGLU feed-forward
     Block            -- pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))
     Transformer      -- embed -> blocks -> norm -> head, plus the loss
-    num_parameters(), count_parameters(), block_parameter_names()
+    num_parameters(), count_parameters()
 
 Parameter naming matters to the rest of the project: streaming DiLoCo synchronises
 the model in fragments made of whole blocks, so every parameter of block ``i`` lives
 under the state_dict prefix ``blocks.{i}.``. Everything else (``embed``, the final
-``norm`` and ``head``) is a "non-block" parameter; see ``block_parameter_names``.
+``norm`` and ``head``) is a "non-block" parameter; see ``strategies/fragments.py``.
 
 No biases anywhere, as in Llama: they add parameters that do not help at this scale.
 """
@@ -386,19 +386,6 @@ def count_parameters(cfg: ModelConfig) -> int:
     head = 0 if cfg.tie_embeddings else V * d
     final_norm = d
     return embed + cfg.n_layers * per_block + final_norm + head
-
-
-def block_parameter_names(model: Transformer) -> list[list[str]]:
-    """For each block index i, the state_dict names that belong to block i.
-
-    Together these cover exactly the names starting with ``blocks.``; the remaining
-    "non-block" parameters are ``embed.weight``, ``norm.weight`` and ``head.weight``.
-    Streaming DiLoCo builds its fragments from these groups.
-    """
-    return [
-        [f"blocks.{i}.{name}" for name in block.state_dict().keys()]
-        for i, block in enumerate(model.blocks)
-    ]
 
 
 @torch.no_grad()

@@ -15,7 +15,6 @@ from fl_diloco.model import (
     RMSNorm,
     Transformer,
     apply_rotary,
-    block_parameter_names,
     count_parameters,
     model_config,
     num_parameters,
@@ -276,19 +275,16 @@ def test_preset_overrides():
     assert PRESETS["tiny-1m"]["vocab_size"] == 4096
 
 
-def test_block_parameter_names_partition_block_params():
+def test_parameter_names_follow_the_block_contract_fragments_rely_on():
+    from strategies.fragments import block_index
+
     cfg = small_config(n_layers=3)
     model = make_model(cfg)
-    groups = block_parameter_names(model)
-    assert len(groups) == cfg.n_layers
-    all_names = set(model.state_dict())
-    block_names = {n for n in all_names if n.startswith("blocks.")}
-    flat = [n for g in groups for n in g]
-    assert len(flat) == len(set(flat))  # disjoint
-    assert set(flat) == block_names  # union covers all block params
-    for i, group in enumerate(groups):
-        assert group and all(n.startswith(f"blocks.{i}.") for n in group)
-    assert all_names - block_names == {"embed.weight", "norm.weight", "head.weight"}
+    for i, block in enumerate(model.blocks):
+        assert {block_index(f"blocks.{i}.{n}") for n, _ in block.named_parameters()} == {i}
+    non_block = {n for n in model.state_dict() if block_index(n) is None}
+    assert non_block == {"embed.weight", "norm.weight", "head.weight"}
+    assert all(n.startswith("blocks.") for n in model.state_dict() if n not in non_block)
 
 
 # ---------------------------------------------------------------- validation

@@ -51,6 +51,11 @@ ROWS: dict[str, tuple[str, dict]] = {
                        {"algorithm": "delayed", "outer_lr": 0.35}),
     "eager-d1": ("1 outer step, eager", {"algorithm": "eager", "delay": 1}),
     "eager-d2": ("2 outer steps, eager", {"algorithm": "eager", "delay": 2}),
+    # Not in the paper's table: the same lower outer LR for diloco and eager, to tell the
+    # delayed part of eager's update apart from the learning rate.
+    "diloco-low-lr": ("none (DiLoCo), lower outer LR", {"algorithm": "diloco", "outer_lr": 0.35}),
+    "eager-d1-low-lr": ("1 outer step, eager, lower outer LR",
+                        {"algorithm": "eager", "delay": 1, "outer_lr": 0.35}),
     "diloco-fp4": ("none (DiLoCo), fp4 wire", {"algorithm": "diloco", "wire_precision": "fp4"}),
     "eager-d1-fp4": ("1 outer step, eager, fp4 wire",
                      {"algorithm": "eager", "delay": 1, "wire_precision": "fp4"}),
@@ -112,7 +117,7 @@ def plot(rows: dict[str, dict], path: Path, title: str) -> None:
     ax.set_ylabel("eval loss (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=2, loc="upper right")
     # The first evaluation (untrained model) dwarfs the differences that matter.
     finals = [s["final_eval_loss"] for s in rows.values()]
     ax.set_ylim(min(finals) - 0.3, max(finals) + 1.5)

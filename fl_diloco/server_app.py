@@ -76,20 +76,22 @@ class RoundPipeline:
         self.grid, self.strategy = grid, strategy
         self.last_round, self.timeout, self.poll_interval = last_round, timeout, poll_interval
         self.next_to_send = 1
-        self.open: dict[int, tuple[set[str], float]] = {}  # round → (message ids, sent at)
+        self.open: dict[int, set[str]] = {}  # round → ids of its messages still unanswered
 
     def send_ready_rounds(self, aggregated_up_to: int) -> None:
         while (self.next_to_send <= self.last_round
                and self.next_to_send - self.strategy.in_flight <= aggregated_up_to):
-            message_ids = set(self.grid.push_messages(self.strategy.configure_train(self.next_to_send)))
-            self.open[self.next_to_send] = (message_ids, time.monotonic())
+            self.open[self.next_to_send] = set(self.grid.push_messages(
+                self.strategy.configure_train(self.next_to_send)))
             self.next_to_send += 1
 
     def collect(self, server_round: int) -> list[Message]:
-        """Round r's replies: all of them, or those in by `timeout` after it was sent."""
-        waiting, sent_at = self.open.pop(server_round)
+        """Round r's replies: all of them, or those in within `timeout` seconds of round r − 1
+        closing (a round opened early may wait for phases still to run before it)."""
+        waiting = self.open.pop(server_round)
         replies: list[Message] = []
-        while waiting and time.monotonic() - sent_at < self.timeout:
+        deadline = time.monotonic() + self.timeout
+        while waiting and time.monotonic() < deadline:
             arrived = list(self.grid.pull_messages(waiting))
             replies.extend(arrived)
             waiting -= {m.metadata.reply_to_message_id for m in arrived}

@@ -190,7 +190,7 @@ class Worker:
             if step % interval == 0:
                 server_round = step // interval
                 fragment = self.fragments[round_fragment(server_round, num_fragments)]
-                sent = self._send(server_round, fragment, meter)
+                wire = self._send(server_round, fragment, meter)
                 meter = _RoundMeter()
                 if step == last_step:
                     break  # nothing applied after the last sync would ever be used
@@ -198,6 +198,8 @@ class Worker:
                     due.setdefault(step + cfg.overlap_steps, []).append(server_round)
                 else:
                     stale = stale_round(server_round, cfg.staleness, num_fragments)
+                    # What the server decodes is what it averaged in, so that is what to subtract later.
+                    sent = decode_tensors(wire, cfg.wire_precision, fragment.shapes)
                     stale_average, counted = self._wait_for_average(stale, fragment, meter)
                     stale_own = fragment.sent.pop(stale, None)
                     if not counted or stale_own is None:
@@ -211,8 +213,8 @@ class Worker:
                 average, _ = self._wait_for_average(server_round, fragment, meter)
                 fragment.apply(average, trainer.model, cfg.mixing)
 
-    def _send(self, server_round: int, fragment: Fragment, meter: _RoundMeter) -> Tensors:
-        """Post round r's reply; returns Δ as the server will decode it (what eager subtracts later)."""
+    def _send(self, server_round: int, fragment: Fragment, meter: _RoundMeter) -> dict[str, np.ndarray]:
+        """Post round r's reply; returns the encoded outer gradient it carries."""
         cfg = self.cfg
         wire = encode_tensors(fragment.outer_gradient(self.trainer.model), cfg.wire_precision)
         reply = {
@@ -229,7 +231,7 @@ class Worker:
         with self._state:
             self._replies[server_round] = reply
             self._state.notify_all()
-        return decode_tensors(wire, cfg.wire_precision, fragment.shapes)
+        return wire
 
     def _wait_for_average(self, server_round: int, fragment: Fragment,
                           meter: _RoundMeter) -> tuple[Tensors, bool]:

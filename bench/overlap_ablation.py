@@ -78,8 +78,8 @@ def run_row(name: str, base: dict, out_dir: Path, fresh: bool) -> dict:
 
 
 def idle_fraction(summary: dict) -> float | None:
-    busy = summary.get("compute_seconds", 0.0) + summary.get("idle_seconds", 0.0)
-    return summary["idle_seconds"] / busy if busy > 0 else None
+    cu = summary.get("compute_utilization")
+    return None if cu is None else 1.0 - cu
 
 
 def rounds_bytes_down(summary: dict) -> int:

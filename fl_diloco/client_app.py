@@ -24,6 +24,21 @@ PREPARE_ACTION = "prepare"
 SHUTDOWN_ACTION = "shutdown"
 
 
+def train_request_fields(content: RecordDict) -> dict[str, Any]:
+    """What a train message asks of the worker: the round, and the average it delivers."""
+    config = content[CONFIG_KEY]
+    return {"round": int(config["round"]), "aggregate_round": int(config["aggregate_round"]),
+            "counted": bool(config["counted"]),
+            "aggregate": from_array_record(content[AGGREGATE_KEY])
+            if AGGREGATE_KEY in content.array_records else None}
+
+
+def train_reply_content(answer: dict[str, Any]) -> RecordDict:
+    """The worker's answer to a train request, as the reply's records."""
+    return RecordDict({OUTER_GRADIENT_KEY: to_array_record(answer["outer_gradient"]),
+                       METRICS_KEY: MetricRecord(answer["metrics"])})
+
+
 def _node_partition(context: Context) -> tuple[int, int]:
     try:
         return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
@@ -67,17 +82,8 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        config = msg.content[CONFIG_KEY]
-        aggregate = (from_array_record(msg.content[AGGREGATE_KEY])
-                     if AGGREGATE_KEY in msg.content.array_records else None)
-        answer = call_worker(context, "train", round=int(config["round"]),
-                             aggregate_round=int(config["aggregate_round"]),
-                             counted=bool(config["counted"]), aggregate=aggregate)
-        content = RecordDict({
-            OUTER_GRADIENT_KEY: to_array_record(answer["outer_gradient"]),
-            METRICS_KEY: MetricRecord(answer["metrics"]),
-        })
-        return Message(content=content, reply_to=msg)
+        answer = call_worker(context, "train", **train_request_fields(msg.content))
+        return Message(content=train_reply_content(answer), reply_to=msg)
 
     @app.query(SHUTDOWN_ACTION)
     def shutdown(msg: Message, context: Context) -> Message:

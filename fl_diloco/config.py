@@ -20,6 +20,8 @@ ALGORITHMS = ("dp", "diloco", "delayed", "eager")
 FRAGMENT_PATTERNS = ("strided", "sequential")
 WIRE_PRECISIONS = ("fp32", "bf16", "fp8", "fp4")
 WEIGHTINGS = ("uniform", "tokens")
+# The algorithms that apply an average `delay` outer steps late instead of waiting for it.
+LATE_ALGORITHMS = ("delayed", "eager")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -152,7 +154,7 @@ class RunConfig:
             )
 
     def _validate_overlap(self) -> None:
-        if self.algorithm in ("delayed", "eager") and self.delay not in (1, 2):
+        if self.algorithm in LATE_ALGORITHMS and self.delay not in (1, 2):
             raise ConfigError(f"delay must be 1 or 2 outer steps for algorithm={self.algorithm}, "
                               f"got {self.delay}")
         if self.algorithm == "eager" and self.weighting != "uniform":
@@ -206,7 +208,7 @@ class RunConfig:
     @property
     def staleness(self) -> int:
         """d: how many outer steps old the average applied at a sync is (0 for diloco)."""
-        return self.delay if self.algorithm in ("delayed", "eager") else 0
+        return staleness(self.algorithm, self.delay)
 
     @property
     def model_preset(self) -> str:
@@ -215,7 +217,7 @@ class RunConfig:
     @property
     def variant_label(self) -> str:
         """A short name for plots and tables, e.g. 'eager d=1, streaming P=2, fp4'."""
-        parts = [self.algorithm + (f" d={self.delay}" if self.algorithm in ("delayed", "eager") else "")]
+        parts = [self.algorithm + (f" d={self.delay}" if self.staleness else "")]
         if self.streaming:
             parts.append(f"streaming P={self.fragments}"
                          + (f" τ={self.overlap_steps}" if self.overlap_steps else "")
@@ -279,6 +281,11 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 def _at_least(key: str, value: int, minimum: int) -> None:
     if value < minimum:
         raise ConfigError(f"{key} must be >= {minimum}, got {value}")
+
+
+def staleness(algorithm: str, delay: int) -> int:
+    """d: how many outer steps old the average applied at a sync is (0: diloco waits for it)."""
+    return delay if algorithm in LATE_ALGORITHMS else 0
 
 
 def resolve_device(device: str) -> str:

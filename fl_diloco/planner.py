@@ -133,6 +133,12 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from fl_diloco.config import FRAGMENT_PATTERNS
+from fl_diloco.config import WIRE_PRECISIONS as PRECISIONS
+from fl_diloco.reporting import format_bytes
+from strategies.codecs import FP4_BLOCK_SIZE
+from strategies.fragments import fragment_blocks
+
 __all__ = [
     "CU_TARGETS",
     "FP4_BLOCK_SIZE",
@@ -159,12 +165,9 @@ __all__ = [
 
 GBIT = 1e9  # bits per Gbit (network units are decimal)
 FORWARD_SHARE = 1 / 3  # 6N FLOPs per token: 2N forward, 4N backward
-PRECISIONS = ("fp32", "bf16", "fp8", "fp4")
 _VALUE_BITS = {"fp32": 32, "bf16": 16, "fp8": 8, "fp4": 4}
-FP4_BLOCK_SIZE = 128  # must equal strategies.codecs.FP4_BLOCK_SIZE (a test checks it)
 FP4_SCALE_BITS = 32  # one float32 absmax per block
 TOPOLOGIES = ("ring", "star")
-FRAGMENT_PATTERNS = ("strided", "sequential")
 PAPER_BLOCKS_PER_FRAGMENT = 3  # Streaming DiLoCo's fragments, at every scale
 CU_TARGETS = (0.5, 0.8, 0.9, 0.95, 0.99)
 METHODS = (
@@ -359,16 +362,6 @@ def traffic_per_sync(workload: Workload, payload_bytes: float) -> dict[str, floa
 _NON_BLOCK = -1  # chunk id for the embedding/norm/head
 
 
-def _fragment_blocks(workload: Workload) -> list[list[int]]:
-    """Blocks of each fragment (same layouts as strategies/fragments.py)."""
-    n, p = workload.layers, workload.fragments
-    if workload.fragment_pattern == "strided":
-        return [list(range(i, n, p)) for i in range(p)]
-    sizes = [n // p + (1 if i < n % p else 0) for i in range(p)]
-    starts = [sum(sizes[:i]) for i in range(p)]
-    return [list(range(s, s + k)) for s, k in zip(starts, sizes)]
-
-
 def _syncs(workload: Workload, method: Method) -> tuple[int, float, list[list[int]]]:
     """(period in inner steps, bits per value, block ids of each sync in one period)."""
     everything = [*range(workload.layers), _NON_BLOCK]
@@ -378,7 +371,7 @@ def _syncs(workload: Workload, method: Method) -> tuple[int, float, list[list[in
     bits = bits_per_value(workload.precision, workload.fp4_block_size, workload.fp4_scale_bits)
     if method.family == "diloco":
         return workload.inner_steps, bits, [everything]
-    fragments = _fragment_blocks(workload)
+    fragments = fragment_blocks(workload.layers, workload.fragments, workload.fragment_pattern)
     fragments[-1].append(_NON_BLOCK)
     return workload.inner_steps, bits, fragments
 
@@ -518,7 +511,7 @@ def plan_table(workload: Workload, methods: Sequence[str] = METHODS,
     for name in methods:
         method = parse_method(name)
         ref = predict(workload, method, math.inf, latency_s)
-        row = [method.name, _fmt_bytes(ref.payload_bytes_per_sync)]
+        row = [method.name, format_bytes(ref.payload_bytes_per_sync)]
         row += [_fmt_gbps(bandwidth_for_cu(workload, method, t, latency_s)) for t in targets]
         if bandwidth_gbps is not None:
             p = predict(workload, method, bandwidth_gbps, latency_s, steps)
@@ -531,13 +524,6 @@ def _fmt_gbps(x: float) -> str:
     if math.isinf(x):
         return "unreachable"
     return "any" if x == 0 else f"{x:.3g}"
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n:.0f} B"
 
 
 # --------------------------------------------------------------------------------------

@@ -14,7 +14,13 @@ METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss_vs_tokens.png"
 
 
-def _fmt_bytes(n: float) -> str:
+def compute_utilization(compute_seconds: float, idle_seconds: float) -> float | None:
+    """CU: seconds computing over seconds computing or waiting (None when there were none)."""
+    busy = compute_seconds + idle_seconds
+    return compute_seconds / busy if busy > 0 else None
+
+
+def format_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1000:
             return f"{n:.1f}{unit}" if unit != "B" else f"{int(n)}B"
@@ -46,7 +52,7 @@ class RunLog:
             f"train_loss {_fmt(record.get('train_loss'))}  "
             f"eval_loss {_fmt(record.get('eval_loss'))}  "
             f"tokens/s {_fmt(record.get('tokens_per_second'), '.0f')}  "
-            f"up {_fmt_bytes(record.get('bytes_up', 0))}  down {_fmt_bytes(record.get('bytes_down', 0))}"
+            f"up {format_bytes(record.get('bytes_up', 0))}  down {format_bytes(record.get('bytes_down', 0))}"
             + (f"  rejected {record['rejected']}" if record.get("rejected") else ""),
             flush=True,
         )
@@ -69,7 +75,7 @@ def print_summary_table(summary: dict[str, Any]) -> None:
         ("wall seconds", _fmt(summary["wall_seconds"], ".1f")),
         ("compute / idle seconds (all workers)",
          f"{_fmt(summary['compute_seconds'], '.1f')} / {_fmt(summary['idle_seconds'], '.1f')}"),
-        ("bytes up / down", f"{_fmt_bytes(summary['bytes_up'])} / {_fmt_bytes(summary['bytes_down'])}"),
+        ("bytes up / down", f"{format_bytes(summary['bytes_up'])} / {format_bytes(summary['bytes_down'])}"),
     ]
     width = max(len(k) for k, _ in rows)
     print("\n" + "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows) + "\n", flush=True)
@@ -127,8 +133,7 @@ def finish_run(out_dir: Path, algorithm: str, cfg: Any, run_log: RunLog, *, comp
         "compute_seconds": compute_seconds,
         "idle_seconds": idle_seconds,
         # Compute utilization: the workers' computing time over the time they existed for.
-        "compute_utilization": compute_seconds / (compute_seconds + idle_seconds)
-        if compute_seconds + idle_seconds > 0 else None,
+        "compute_utilization": compute_utilization(compute_seconds, idle_seconds),
         "bytes_up": bytes_up,
         "bytes_down": bytes_down,
         "out_dir": str(out_dir),

@@ -27,7 +27,7 @@ from fl_diloco.config import ConfigError, RunConfig, resolve_device
 from fl_diloco.data import Corpus, load_corpus
 from fl_diloco.evaluation import evaluate
 from fl_diloco.model import Transformer, load_parameters, model_config
-from fl_diloco.reporting import RunLog, finish_run, prepare_out_dir
+from fl_diloco.reporting import RunLog, compute_utilization, finish_run, prepare_out_dir
 from strategies.diloco import DiLoCo, RoundStats
 from strategies.wire import serialized_bytes
 
@@ -152,22 +152,20 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
                  "eval_loss": eval_params(strategy.params)})
 
     pipeline = RoundPipeline(grid, strategy, cfg.flower_rounds, cfg.round_timeout)
+    pipeline.send_ready_rounds(aggregated_up_to=0)
     tokens_total = 0
-    closed_at = time.perf_counter()
+    round_began = time.perf_counter()
     for server_round in range(1, cfg.flower_rounds + 1):
-        pipeline.send_ready_rounds(aggregated_up_to=server_round - 1)
         strategy.aggregate_train(server_round, pipeline.collect(server_round))
         # Open the next round(s) before evaluating, so evaluation never delays a worker.
         pipeline.send_ready_rounds(aggregated_up_to=server_round)
         stats = strategy.history[-1]
         tokens_total += stats.tokens
-        now = time.perf_counter()
-        round_seconds, closed_at = now - closed_at, now
-        outer_step = server_round / cfg.num_fragments
+        round_seconds = time.perf_counter() - round_began
         due = server_round % (cfg.eval_every * cfg.num_fragments) == 0 or server_round == cfg.flower_rounds
         run_log.log({
             "round": server_round,
-            "outer_step": outer_step,
+            "outer_step": server_round / cfg.num_fragments,
             "fragment": stats.fragment,
             "train_loss": stats.train_loss,
             "eval_loss": eval_params(strategy.params) if due else None,
@@ -182,7 +180,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
             "bytes_down": stats.bytes_down,
             "clients": stats.per_client,
         })
-        closed_at = time.perf_counter() if due else closed_at  # throughput excludes evaluation
+        round_began = time.perf_counter()  # so the next round's throughput excludes evaluation
 
     if query_workers(grid, node_ids, SHUTDOWN_ACTION, timeout=60):
         log(INFO, "some workers did not confirm shutdown; they exit at their idle timeout")
@@ -224,8 +222,7 @@ def worker_utilization(history: list[RoundStats]) -> list[dict[str, Any]]:
             row["compute_seconds"] += float(client["compute_seconds"])
             row["idle_seconds"] += float(client["idle_seconds"])
     return [{"partition_id": p, **row,
-             "compute_utilization": row["compute_seconds"] / (row["compute_seconds"] + row["idle_seconds"])
-             if row["compute_seconds"] + row["idle_seconds"] > 0 else None}
+             "compute_utilization": compute_utilization(row["compute_seconds"], row["idle_seconds"])}
             for p, row in sorted(totals.items())]
 
 

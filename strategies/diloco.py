@@ -33,13 +33,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from fl_diloco.config import RunConfig
+from fl_diloco.config import RunConfig, staleness
 from strategies.codecs import CodecError, encode_tensors
 from strategies.fragments import fragment_names, round_fragment, rounds_in_flight, stale_round
 from strategies.outer_optimizer import (OuterOptimizer, Tensors, WeightedAverage, eager_outer_gradient,
                                         zeros_like)
 from strategies.validation import decode_outer_gradient
-from strategies.wire import serialized_bytes, to_array_record
+from strategies.wire import from_array_record, serialized_bytes, to_array_record
 
 # Keys of the records exchanged with the ClientApp.
 PARAMS_KEY = "params"
@@ -90,7 +90,7 @@ class DiLoCo(Strategy):
         self.params = {n: t.detach().float().cpu().clone() for n, t in initial_params.items()}
         self.node_ids = list(node_ids)
         self.algorithm = algorithm
-        self.staleness = 0 if algorithm == "diloco" else delay
+        self.staleness = staleness(algorithm, delay)
         self.fragments = fragment_names(self.params, num_fragments, fragment_pattern)
         # One optimizer per fragment, over views of the one global parameter dict.
         self.optimizers = [OuterOptimizer({n: self.params[n] for n in names}, outer_lr, outer_momentum)
@@ -242,9 +242,9 @@ class DiLoCo(Strategy):
             raise CodecError(f"metrics {missing} missing")
         if int(metrics["tokens"]) <= 0:
             raise CodecError(f"non-positive token count {metrics['tokens']}")
-        arrays = {n: a.numpy() for n, a in content[OUTER_GRADIENT_KEY].items()}
         shapes = {n: tuple(self.params[n].shape) for n in names}
-        return metrics, decode_outer_gradient(arrays, self.wire_precision, shapes)
+        return metrics, decode_outer_gradient(from_array_record(content[OUTER_GRADIENT_KEY]),
+                                              self.wire_precision, shapes)
 
     # Evaluation is centralised (the server evaluates θ on held-out text), so there is no
     # client-side evaluation round.

@@ -9,8 +9,6 @@ import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from strategies.outer_optimizer import Tensors
-
 
 def to_array_record(tensors: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
     return ArrayRecord({name: Array(np.ascontiguousarray(np.asarray(t))) for name, t in tensors.items()})
@@ -18,10 +16,6 @@ def to_array_record(tensors: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayRe
 
 def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array.numpy() for name, array in record.items()}
-
-
-def to_tensors(arrays: Mapping[str, np.ndarray]) -> Tensors:
-    return {name: torch.from_numpy(np.array(a, dtype=np.float32, copy=True)) for name, a in arrays.items()}
 
 
 def serialized_bytes(content: RecordDict) -> int:

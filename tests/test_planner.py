@@ -66,13 +66,6 @@ def test_fp4_needs_an_eighth_of_fp32_plus_block_scales():
             assert fp4 <= fp32 * (4.25 / 32) * (1 + 1e-5), (method, target)
 
 
-def test_fp4_block_size_matches_the_codec():
-    from fl_diloco.planner import FP4_BLOCK_SIZE
-    from strategies.codecs import FP4_BLOCK_SIZE as CODEC_BLOCK
-
-    assert FP4_BLOCK_SIZE == CODEC_BLOCK
-
-
 @pytest.mark.parametrize("family", ["diloco", "streaming"])
 def test_eager_needs_less_bandwidth_than_blocking(family):
     for target in CU_TARGETS:

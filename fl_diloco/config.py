@@ -80,6 +80,19 @@ class RunConfig:
     eval_every: int = 5
     eval_sequences: int = 256
     out_dir: str = ""  # "" = ./runs/<algorithm>-<timestamp>, made absolute at start
+    # Every `checkpoint_every` outer steps the server writes a resumable checkpoint (0 = only
+    # the final model); the newest `keep_checkpoints` are kept.
+    checkpoint_every: int = 5
+    keep_checkpoints: int = 2
+    # A run's out_dir to continue from its newest checkpoint ("" = start fresh).
+    resume: str = ""
+    tensorboard: bool = False  # also write metrics as TensorBoard events under out_dir/tensorboard
+
+    # Hostile or broken replies (SPEC §5): an outer gradient whose norm exceeds
+    # `outlier_norm_ratio` × the round's median is rejected (0 = no check); a reply larger
+    # than `max_reply_bytes` is rejected (0 = twice what the fragment's outer gradient needs).
+    outlier_norm_ratio: float = 10.0
+    max_reply_bytes: int = 0
 
     # Runtime.
     device: str = "auto"
@@ -132,7 +145,8 @@ class RunConfig:
         for key in ("num_clients", "inner_steps", "rounds", "vocab_size", "seq_len",
                     "batch_size", "eval_every", "eval_sequences"):
             _at_least(key, getattr(self, key), 1)
-        for key in ("warmup_steps", "max_documents", "threads_per_worker"):
+        for key in ("warmup_steps", "max_documents", "threads_per_worker", "checkpoint_every",
+                    "max_reply_bytes"):
             _at_least(key, getattr(self, key), 0)
         _at_least("vocab_size", self.vocab_size, 257)  # byte-level BPE needs the 256 bytes
         for key in ("inner_lr", "outer_lr", "round_timeout", "node_wait_timeout",
@@ -144,6 +158,12 @@ class RunConfig:
                 raise ConfigError(f"{key} must be in [0, 1), got {getattr(self, key)}")
         if not 0.0 < self.val_fraction < 0.5:
             raise ConfigError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        _at_least("keep_checkpoints", self.keep_checkpoints, 1)
+        if self.outlier_norm_ratio != 0 and not self.outlier_norm_ratio > 1:
+            raise ConfigError(f"outlier_norm_ratio must be > 1 (or 0 to disable the check), "
+                              f"got {self.outlier_norm_ratio}")
+        if self.resume and not os.path.isabs(self.resume):
+            raise ConfigError(f"resume must be the absolute path of a run's out_dir, got '{self.resume}'")
         if self.grad_clip < 0:
             raise ConfigError(f"grad_clip must be >= 0 (0 disables it), got {self.grad_clip}")
         self._validate_overlap()

@@ -8,13 +8,16 @@ process, in the data-parallel baseline and in the single-process reference tests
 
 from __future__ import annotations
 
+import io
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from fl_diloco.atomic import atomic_write
 from fl_diloco.config import RunConfig
 from fl_diloco.data import BatchStream
 from fl_diloco.model import Transformer, load_parameters
@@ -85,6 +88,25 @@ class InnerTrainer:
 
     def load_parameters(self, params: dict[str, torch.Tensor | np.ndarray]) -> None:
         load_parameters(self.model, params)
+
+    def start_at(self, step: int) -> None:
+        """Continue a run at inner step `step`: the learning-rate schedule and the data stream
+        pick up where a worker that took `step` steps from the start would be."""
+        self.step = step
+        self.stream.seek(step)
+
+    def save_optimizer(self, path: Path) -> None:
+        """The AdamW moments at the current step, written atomically (for an exact resume)."""
+        buffer = io.BytesIO()
+        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict()}, buffer)
+        atomic_write(path, lambda fh: fh.write(buffer.getvalue()))
+
+    def load_optimizer(self, path: Path) -> None:
+        """Restore `save_optimizer`'s AdamW moments; the step must be the one saved."""
+        saved = torch.load(path, map_location=self.device, weights_only=True)
+        if saved["step"] != self.step:
+            raise ValueError(f"{path} holds the optimizer at inner step {saved['step']}, not {self.step}")
+        self.optimizer.load_state_dict(saved["optimizer"])
 
     def train_step(self) -> float:
         """One inner AdamW step; returns the batch loss before the update."""

@@ -13,16 +13,24 @@ adapter) delivers the average the server sends with it and returns Δ(r) once th
 has produced it. So the worker computes while its outer gradient is in flight, and waits
 only when an average it needs has not arrived; those waits are its idle seconds.
 
+A worker that starts late (its process crashed and the node started a new one, or the whole
+run resumed from a checkpoint) is prepared with the server's state after some round r instead
+of θ(0): θ, the outer momentum, the averages it still has to apply, and its position in the
+run (inner step r·H/P, the data stream fast-forwarded to it). Only the AdamW moments start
+afresh. Until that state arrives it answers train requests with `needs_state`.
+
 Requests and replies are plain dicts of numpy arrays and numbers, so this class can be driven
 directly in tests without any process or socket.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,6 +51,18 @@ def worker_threads(cfg: RunConfig) -> int:
     if cfg.threads_per_worker:
         return cfg.threads_per_worker
     return max(1, (os.cpu_count() or 1) // cfg.num_clients)
+
+
+def optimizer_state_dir(cfg: RunConfig, partition_id: int) -> Path:
+    """Where a node keeps its worker's AdamW moments at checkpoint rounds, so that a resumed
+    run continues exactly: node-local (never sent), keyed by the run's out_dir and partition."""
+    root = Path(os.environ.get("FL_DILOCO_CACHE") or "~/.cache/fl-diloco").expanduser()
+    run_key = hashlib.sha256(cfg.out_dir.encode()).hexdigest()[:16]
+    return root / "worker-state" / run_key / f"partition-{partition_id}"
+
+
+def _optimizer_file(directory: Path, server_round: int) -> Path:
+    return directory / f"round-{server_round:06d}.pt"
 
 
 def worker_stream(cfg: RunConfig, corpus: Corpus, partition_id: int, num_partitions: int) -> BatchStream:
@@ -79,11 +99,14 @@ class Worker:
         self.cfg: RunConfig | None = None
         self.partition: tuple[int, int] | None = None
         self.fragments: list[Fragment] = []
+        self.start_round = 0  # the last round that closed before this worker began training
         self._state = threading.Condition()
-        self._averages: dict[int, tuple[Tensors, bool]] = {}  # round → (average, we were counted)
+        # round → (average, whether our outer gradient was counted in it, its participants)
+        self._averages: dict[int, tuple[Tensors, bool, int]] = {}
         self._replies: dict[int, dict[str, Any]] = {}
         self._failure: str | None = None
         self._stopping = False
+        self._generation = 0  # bumped to end the running inner loop (a restart from new state)
         self._inner_loop: threading.Thread | None = None
 
     # ----- requests from the ClientApp adapter (any thread) -----
@@ -107,43 +130,106 @@ class Worker:
             return {"error": traceback.format_exc()}
 
     def prepare(self, request: dict[str, Any]) -> None:
-        """Build the resident trainer, take θ(0) and start training at once."""
+        """Take the server's state and start training at once.
+
+        The state is θ(0) at the start of a run; after round r (a worker that restarted or
+        missed messages, or every worker of a resumed run) it also has `start_round` r, the
+        outer `momentum` and the `pending` averages {round: (average, participants)}. A worker
+        that is already training restarts from such a state (it was out of step, or the server
+        would not have sent it); a repeated θ(0) changes nothing.
+        """
+        start_round = int(request.get("start_round", 0))
         with self._state:
-            cfg = RunConfig.from_mapping(request["run_config"])
             partition = (int(request["partition_id"]), int(request["num_partitions"]))
             if self.trainer is not None:
                 if partition != self.partition:
                     raise ValueError(f"worker holds partition {self.partition} but was asked for {partition}")
-                return  # a retried prepare: already running
-            device = resolve_device(request.get("device") or cfg.device)
-            if device == "cpu":
-                torch.set_num_threads(worker_threads(cfg))
-            trainer = build_trainer(cfg, *partition, device)
+                if not start_round:
+                    return  # a retried first prepare: already running
+                self._generation += 1  # ends the running inner loop at its next check
+                self._state.notify_all()
+            running = self._inner_loop
+        if running is not None:
+            running.join()
+        with self._state:
+            if self.trainer is None:
+                cfg = RunConfig.from_mapping(request["run_config"])
+                device = resolve_device(request.get("device") or cfg.device)
+                if device == "cpu":
+                    torch.set_num_threads(worker_threads(cfg))
+                self.trainer, self.cfg, self.partition = build_trainer(cfg, *partition, device), cfg, partition
+            cfg, trainer = self.cfg, self.trainer
             initial = request["params"]
             trainer.load_parameters(initial)
             names = fragment_names([n for n, _ in trainer.model.named_parameters()],
                                    cfg.num_fragments, cfg.fragment_pattern)
             self.fragments = [Fragment(p, group, initial, cfg.outer_lr, cfg.outer_momentum)
                               for p, group in enumerate(names)]
-            self.trainer, self.cfg, self.partition = trainer, cfg, partition
-            self._inner_loop = threading.Thread(target=self._run_guarded, name="inner-loop", daemon=True)
+            self.start_round = start_round
+            self._averages.clear()
+            self._replies.clear()
+            self._failure = None
+            trainer.start_at(start_round * cfg.sync_interval)
+            if start_round:
+                self._restore_optimizer(start_round)
+                momentum = request["momentum"]
+                for fragment in self.fragments:
+                    for name, buffer in fragment.outer.momentum_buffer.items():
+                        buffer.copy_(torch.as_tensor(momentum[name]))
+                for r, (average, participants) in request.get("pending", {}).items():
+                    tensors = {n: torch.as_tensor(a).float() for n, a in average.items()}
+                    self._averages[int(r)] = (tensors, False, int(participants))
+            generation = self._generation
+            self._inner_loop = threading.Thread(target=self._run_guarded, args=(generation,),
+                                                name="inner-loop", daemon=True)
             self._inner_loop.start()
+
+    def _restore_optimizer(self, start_round: int) -> None:
+        """AdamW moments saved at `start_round` by this node's worker of the run, if any;
+        otherwise the worker keeps the ones it has (fresh ones in a new process)."""
+        saved = _optimizer_file(optimizer_state_dir(self.cfg, self.partition[0]), start_round)
+        if saved.is_file():
+            try:
+                self.trainer.load_optimizer(saved)
+                print(f"restored the AdamW moments of round {start_round} from {saved}", flush=True)
+                return
+            except Exception as err:  # noqa: BLE001 - a damaged file only costs the moments
+                print(f"could not restore {saved} ({err})", flush=True)
+        print(f"joining after round {start_round} without saved AdamW moments", flush=True)
+
+    def _save_optimizer(self, server_round: int) -> None:
+        cfg = self.cfg
+        if not (cfg.checkpoint_every and server_round % (cfg.checkpoint_every * cfg.num_fragments) == 0):
+            return
+        directory = optimizer_state_dir(cfg, self.partition[0])
+        directory.mkdir(parents=True, exist_ok=True)
+        self.trainer.save_optimizer(_optimizer_file(directory, server_round))
+        # One more than the server keeps: the server may die before writing this round's.
+        saved = sorted(directory.glob("round-*.pt"))
+        for old in saved[:-(cfg.keep_checkpoints + 1)]:
+            old.unlink(missing_ok=True)
 
     def train(self, request: dict[str, Any]) -> dict[str, Any]:
         """Deliver the average this round's message carries; return Δ(r) once it exists."""
-        if self.trainer is None:
-            raise RuntimeError("train before prepare: the server must send query.prepare with θ(0) first")
+        with self._state:  # a prepare in progress holds it: wait for the state it brings
+            if self.trainer is None:
+                # A fresh process: the one that trained before it is gone. Ask for the state.
+                return {"needs_state": True}
         server_round = int(request["round"])
         delivered = int(request.get("aggregate_round", 0))
         if delivered:
             fragment = self.fragments[round_fragment(delivered, len(self.fragments))]
             average = decode_tensors(request["aggregate"], self.cfg.wire_precision, fragment.shapes)
             with self._state:
-                self._averages[delivered] = (average, bool(request.get("counted", True)))
+                self._averages[delivered] = (average, bool(request.get("counted", True)),
+                                             int(request.get("participants", 0)))
                 self._state.notify_all()
         deadline = time.monotonic() + self.cfg.round_timeout
         with self._state:
             while server_round not in self._replies:
+                if server_round <= self.start_round:
+                    raise ValueError(f"round {server_round} closed before this worker (re)started "
+                                     f"after round {self.start_round}; it has no outer gradient for it")
                 if self._failure:
                     raise RuntimeError(f"the inner loop failed:\n{self._failure}")
                 if self._stopping:
@@ -162,9 +248,9 @@ class Worker:
 
     # ----- the inner loop (its own thread) -----
 
-    def _run_guarded(self) -> None:
+    def _run_guarded(self, generation: int) -> None:
         try:
-            self._run()
+            self._run(generation)
         except WorkerStopped:
             pass
         except Exception:  # noqa: BLE001 - reported to the next request
@@ -172,16 +258,15 @@ class Worker:
                 self._failure = traceback.format_exc()
                 self._state.notify_all()
 
-    def _run(self) -> None:
+    def _run(self, generation: int) -> None:
         cfg, trainer = self.cfg, self.trainer
         interval, num_fragments = cfg.sync_interval, len(self.fragments)
         last_step = cfg.flower_rounds * interval
-        eager_weight = 1.0 / self.partition[1] if cfg.algorithm == "eager" else 0.0
         due: dict[int, list[int]] = {}  # inner step → rounds whose average is applied then
         meter = _RoundMeter()
         trainer.model.train()
         for step in range(trainer.step + 1, last_step + 1):
-            if self._stopping:
+            if self._stopping or self._generation != generation:
                 raise WorkerStopped()
             began = time.perf_counter()
             meter.losses.append(trainer.train_step())
@@ -191,6 +276,7 @@ class Worker:
                 server_round = step // interval
                 fragment = self.fragments[round_fragment(server_round, num_fragments)]
                 wire = self._send(server_round, fragment, meter)
+                self._save_optimizer(server_round)
                 meter = _RoundMeter()
                 if step == last_step:
                     break  # nothing applied after the last sync would ever be used
@@ -200,18 +286,27 @@ class Worker:
                     stale = stale_round(server_round, cfg.staleness, num_fragments)
                     # What the server decodes is what it averaged in, so that is what to subtract later.
                     sent = decode_tensors(wire, cfg.wire_precision, fragment.shapes)
-                    stale_average, counted = self._wait_for_average(stale, fragment, meter)
+                    stale_average, counted, participants = self._wait_for_average(stale, fragment, meter,
+                                                                                  generation)
                     stale_own = fragment.sent.pop(stale, None)
                     if not counted or stale_own is None:
                         stale_own = zeros_like(sent)  # never added to the average: nothing to take out
                     fragment.sent[server_round] = sent
-                    fragment.apply(eager_outer_gradient(stale_average, sent, stale_own, eager_weight),
+                    fragment.apply(eager_outer_gradient(stale_average, sent, stale_own,
+                                                        self._eager_weight(participants)),
                                    trainer.model)
 
             for server_round in due.pop(step, []):
                 fragment = self.fragments[round_fragment(server_round, num_fragments)]
-                average, _ = self._wait_for_average(server_round, fragment, meter)
+                average, _, _ = self._wait_for_average(server_round, fragment, meter, generation)
                 fragment.apply(average, trainer.model, cfg.mixing)
+
+    def _eager_weight(self, participants: int) -> float:
+        """1/M for eager (0 for delayed), M = the participants of the latest average: this
+        round's own count is not known until its average comes back."""
+        if self.cfg.algorithm != "eager":
+            return 0.0
+        return 1.0 / (participants or self.partition[1])
 
     def _send(self, server_round: int, fragment: Fragment, meter: _RoundMeter) -> dict[str, np.ndarray]:
         """Post round r's reply; returns the encoded outer gradient it carries."""
@@ -234,14 +329,15 @@ class Worker:
         return wire
 
     def _wait_for_average(self, server_round: int, fragment: Fragment,
-                          meter: _RoundMeter) -> tuple[Tensors, bool]:
-        """Round r's average (zero for r ≤ 0, SPEC's Δ(0) = 0); the wait counts as idle."""
+                          meter: _RoundMeter, generation: int) -> tuple[Tensors, bool, int]:
+        """Round r's average (zero for r ≤ 0, SPEC's Δ(0) = 0), whether we were counted in it
+        and its participant count; the wait counts as idle."""
         if server_round <= 0:
-            return zeros_like(fragment.outer.params), False
+            return zeros_like(fragment.outer.params), False, 0
         began = time.perf_counter()
         with self._state:
             while server_round not in self._averages:
-                if self._stopping:
+                if self._stopping or self._generation != generation:
                     raise WorkerStopped()
                 self._state.wait(timeout=1.0)
             average = self._averages.pop(server_round)

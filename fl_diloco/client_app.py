@@ -17,10 +17,13 @@ from flwr.clientapp import ClientApp
 
 from clients.channel import WorkerHandle
 from fl_diloco.config import RunConfig
-from strategies.diloco import AGGREGATE_KEY, CONFIG_KEY, METRICS_KEY, OUTER_GRADIENT_KEY, PARAMS_KEY
+from strategies.diloco import (AGGREGATE_KEY, CONFIG_KEY, METRICS_KEY, MOMENTUM_KEY, NEEDS_STATE_METRIC,
+                               OUTER_GRADIENT_KEY, PARAMS_KEY)
 from strategies.wire import from_array_record, to_array_record
 
 PREPARE_ACTION = "prepare"
+# The run config the server resolved, sent with every prepare (see server_app.prepare_content).
+RUN_CONFIG_KEY = "run_config"
 SHUTDOWN_ACTION = "shutdown"
 
 
@@ -28,13 +31,28 @@ def train_request_fields(content: RecordDict) -> dict[str, Any]:
     """What a train message asks of the worker: the round, and the average it delivers."""
     config = content[CONFIG_KEY]
     return {"round": int(config["round"]), "aggregate_round": int(config["aggregate_round"]),
-            "counted": bool(config["counted"]),
+            "counted": bool(config["counted"]), "participants": int(config.get("participants", 0)),
             "aggregate": from_array_record(content[AGGREGATE_KEY])
             if AGGREGATE_KEY in content.array_records else None}
 
 
+def prepare_request_fields(content: RecordDict) -> dict[str, Any]:
+    """The state a prepare message gives the worker (strategies.diloco.DiLoCo.worker_state)."""
+    fields: dict[str, Any] = {"params": from_array_record(content[PARAMS_KEY])}
+    if CONFIG_KEY in content.config_records:
+        config = content[CONFIG_KEY]
+        rounds = [int(r) for r in config["pending_rounds"]]
+        fields["start_round"] = int(config["start_round"])
+        fields["momentum"] = from_array_record(content[MOMENTUM_KEY])
+        fields["pending"] = {r: (from_array_record(content[f"{AGGREGATE_KEY}.{r}"]), int(m))
+                             for r, m in zip(rounds, config["pending_participants"], strict=True)}
+    return fields
+
+
 def train_reply_content(answer: dict[str, Any]) -> RecordDict:
     """The worker's answer to a train request, as the reply's records."""
+    if answer.get("needs_state"):
+        return RecordDict({METRICS_KEY: MetricRecord({NEEDS_STATE_METRIC: 1})})
     return RecordDict({OUTER_GRADIENT_KEY: to_array_record(answer["outer_gradient"]),
                        METRICS_KEY: MetricRecord(answer["metrics"])})
 
@@ -61,8 +79,8 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     def run_config(context: Context) -> RunConfig:
         return RunConfig.from_mapping({**dict(context.run_config), **dict(overrides or {})})
 
-    def call_worker(context: Context, kind: str, **fields: Any) -> dict[str, Any]:
-        cfg = run_config(context)
+    def call_worker(context: Context, kind: str, cfg: RunConfig | None = None, **fields: Any) -> dict[str, Any]:
+        cfg = cfg or run_config(context)
         partition_id, num_partitions = _node_partition(context)
         worker = WorkerHandle(context.run_id, context.node_id)
         # The parent of this process stands for the node: the SuperNode in deployment, the
@@ -75,9 +93,11 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.query(PREPARE_ACTION)
     def prepare(msg: Message, context: Context) -> Message:
-        """Start the worker with θ(0); it begins training at once, before round 1 asks for
-        anything, so round timings measure training, not start-up."""
-        call_worker(context, "prepare", params=from_array_record(msg.content[PARAMS_KEY]))
+        """Start the worker with θ(0), or with the server's state when it (re)joins late; it
+        begins training at once, so round timings measure training, not start-up."""
+        cfg = (RunConfig.from_mapping(dict(msg.content[RUN_CONFIG_KEY]))
+               if RUN_CONFIG_KEY in msg.content.config_records else None)
+        call_worker(context, "prepare", cfg, **prepare_request_fields(msg.content))
         return Message(content=RecordDict({METRICS_KEY: MetricRecord({"ready": 1})}), reply_to=msg)
 
     @app.train()

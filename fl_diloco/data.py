@@ -792,6 +792,11 @@ class BatchStream:
             self._perm_epoch = self.epoch
         return self._perm
 
+    def seek(self, num_batches: int) -> None:
+        """Go to where the stream is after its first `num_batches` batches (every batch takes
+        exactly batch_size sequences, so the position is plain arithmetic)."""
+        self.epoch, self.position = divmod(num_batches * self.batch_size, len(self.sequences))
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Next ``(inputs, targets)`` int64 tensors of shape ``[batch_size, seq_len]``."""
         chosen: list[np.ndarray] = []

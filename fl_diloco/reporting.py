@@ -33,14 +33,25 @@ def _fmt(x: float | None, spec: str = ".4f") -> str:
 
 
 class RunLog:
-    """Appends one JSON object per round to metrics.jsonl and prints a readable line."""
+    """Appends one JSON object per round to metrics.jsonl and prints a readable line.
 
-    def __init__(self, out_dir: Path, total_rounds: int) -> None:
+    `continue_after=r` continues a resumed run's log: it keeps the records up to round r
+    (dropping those of rounds the checkpoint does not include) and the wall clock goes on
+    from the last of them.
+    """
+
+    def __init__(self, out_dir: Path, total_rounds: int, continue_after: int | None = None) -> None:
         self.path = out_dir / METRICS_NAME
-        self.path.write_text("")
         self.total_rounds = total_rounds
         self.records: list[dict[str, Any]] = []
-        self.started = time.perf_counter()
+        if continue_after is not None and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                record = json.loads(line)
+                if record["round"] <= continue_after:
+                    self.records.append(record)
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        elapsed = self.records[-1]["wall_seconds"] if self.records else 0.0
+        self.started = time.perf_counter() - elapsed
 
     def log(self, record: dict[str, Any]) -> None:
         record = {**record, "wall_seconds": time.perf_counter() - self.started}

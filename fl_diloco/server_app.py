@@ -11,8 +11,10 @@ checkpoint, summary.json and the loss plot under the run's output directory.
 
 from __future__ import annotations
 
+import json
+import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from logging import INFO, WARNING
 from typing import Any
 
@@ -21,9 +23,10 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from fl_diloco.checkpoint import save_checkpoint
-from fl_diloco.client_app import PREPARE_ACTION, SHUTDOWN_ACTION
-from fl_diloco.config import ConfigError, RunConfig, resolve_device
+from fl_diloco.checkpoint import (CONFIG_NAME, CheckpointError, TrainingState, load_training_checkpoint,
+                                  save_checkpoint, save_training_checkpoint)
+from fl_diloco.client_app import PREPARE_ACTION, RUN_CONFIG_KEY, SHUTDOWN_ACTION
+from fl_diloco.config import DEFAULTS, ConfigError, RunConfig, resolve_device
 from fl_diloco.data import Corpus, load_corpus
 from fl_diloco.evaluation import evaluate
 from fl_diloco.model import Transformer, load_parameters, model_config
@@ -69,38 +72,79 @@ class RoundPipeline:
 
     Round r's messages go out as soon as round r − D is aggregated, so for `delayed` and
     `eager` the server never makes a worker wait on a round it could already have opened.
+    Replies are pulled one message at a time and handed on as they come, so the server never
+    holds more than one reply it has not yet folded into the average. Replies that come after
+    their round closed are handed on too: the strategy rejects and logs them.
     """
 
-    def __init__(self, grid: Grid, strategy: DiLoCo, last_round: int, timeout: float,
+    def __init__(self, grid: Grid, strategy: DiLoCo, cfg: RunConfig, first_round: int = 1,
                  poll_interval: float = 0.05) -> None:
-        self.grid, self.strategy = grid, strategy
-        self.last_round, self.timeout, self.poll_interval = last_round, timeout, poll_interval
-        self.next_to_send = 1
-        self.open: dict[int, set[str]] = {}  # round → ids of its messages still unanswered
+        self.grid, self.strategy, self.cfg = grid, strategy, cfg
+        self.last_round, self.timeout, self.poll_interval = cfg.flower_rounds, cfg.round_timeout, poll_interval
+        self.next_to_send = first_round
+        self.open: dict[int, dict[str, int]] = {}  # round → {id of an unanswered message: its node}
+        # Messages whose round closed without their reply → that round; kept for a few rounds.
+        self.late: dict[str, int] = {}
+        self.resyncs: dict[str, int] = {}  # id of a prepare message → its node
+        self.resynced_after: dict[int, int] = {}  # node → the round after which it got the state
 
     def send_ready_rounds(self, aggregated_up_to: int) -> None:
         while (self.next_to_send <= self.last_round
                and self.next_to_send - self.strategy.in_flight <= aggregated_up_to):
-            self.open[self.next_to_send] = set(self.grid.push_messages(
-                self.strategy.configure_train(self.next_to_send)))
+            messages = list(self.strategy.configure_train(self.next_to_send))
+            nodes = [m.metadata.dst_node_id for m in messages]
+            self.open[self.next_to_send] = dict(zip(self.grid.push_messages(messages), nodes, strict=True))
             self.next_to_send += 1
 
-    def collect(self, server_round: int) -> list[Message]:
-        """Round r's replies: all of them, or those in within `timeout` seconds of round r − 1
-        closing (a round opened early may wait for phases still to run before it)."""
+    def resync_workers(self, aggregated_up_to: int) -> None:
+        """Send the server's state to nodes whose worker restarted (strategy.needs_state).
+
+        Messages opened before the state went out will still find the fresh worker without
+        it; only a request opened after that (≥ D rounds later) asking again means the state
+        did not arrive, and is answered with the state as it is then.
+        """
+        for node, asked_in in sorted(self.strategy.needs_state.items()):
+            sent_after = self.resynced_after.get(node)
+            if sent_after is None or asked_in >= sent_after + self.strategy.in_flight:
+                content = prepare_content(self.strategy, self.cfg, aggregated_up_to)
+                message = Message(content=content, message_type=f"{MessageType.QUERY}.{PREPARE_ACTION}",
+                                  dst_node_id=node)
+                (message_id,) = self.grid.push_messages([message])
+                self.resyncs[message_id] = node
+                self.resynced_after[node] = aggregated_up_to
+                log(INFO, "node %d: sent it the state after round %d; it contributes again from "
+                    "its next request", node, aggregated_up_to)
+        self.strategy.needs_state.clear()
+
+    def collect(self, server_round: int) -> Iterator[Message]:
+        """Round r's replies as they arrive: all of them, or those in within `timeout` seconds
+        of round r − 1 closing (a round opened early may wait for phases still to run before
+        it). Late replies to closed rounds come along, for the strategy to reject."""
         waiting = self.open.pop(server_round)
-        replies: list[Message] = []
         deadline = time.monotonic() + self.timeout
         while waiting and time.monotonic() < deadline:
-            arrived = list(self.grid.pull_messages(waiting))
-            replies.extend(arrived)
-            waiting -= {m.metadata.reply_to_message_id for m in arrived}
+            for message_id in [*waiting, *self.late]:
+                for reply in self.grid.pull_messages([message_id]):
+                    waiting.pop(message_id, None)
+                    self.late.pop(message_id, None)
+                    yield reply
+            self._check_resyncs()
             if waiting:
                 time.sleep(self.poll_interval)
         if waiting:
-            log(WARNING, "round %d: %d node(s) did not reply within round_timeout=%.0fs",
-                server_round, len(waiting), self.timeout)
-        return replies
+            log(WARNING, "round %d: node(s) %s did not reply within round_timeout=%.0fs",
+                server_round, sorted(waiting.values()), self.timeout)
+            for node in waiting.values():  # it may have missed messages too: send it the state
+                self.strategy.needs_state.setdefault(node, server_round)
+        self.late = {m: r for m, r in self.late.items() if r > server_round - 3 * self.strategy.in_flight}
+        self.late.update(dict.fromkeys(waiting, server_round))
+
+    def _check_resyncs(self) -> None:
+        for message_id in list(self.resyncs):
+            for reply in self.grid.pull_messages([message_id]):
+                node = self.resyncs.pop(message_id)
+                if reply.has_error():
+                    log(WARNING, "node %d could not take the server's state: %s", node, reply.error.reason)
 
 
 def check_partitions(corpus: Corpus, cfg: RunConfig) -> None:
@@ -115,11 +159,58 @@ def check_partitions(corpus: Corpus, cfg: RunConfig) -> None:
             )
 
 
+# Keys a resumed run may set differently from the run it continues: where and how it runs,
+# not what it computes.
+RESUMABLE_CHANGES = ("resume", "out_dir", "device", "threads_per_worker", "round_timeout",
+                     "node_wait_timeout", "worker_idle_timeout", "eval_every", "eval_sequences",
+                     "checkpoint_every", "keep_checkpoints", "tensorboard")
+
+
+def resume_config(cfg: RunConfig, resumed: TrainingState) -> RunConfig:
+    """The config of a resumed run: the checkpoint's, with the changes this launch asked for.
+
+    `flwr run --run-config "resume='...'"` fills every other key with its default, so a key
+    left at its default takes the checkpoint's value. A key set to something else must be one
+    that does not change what is computed (RESUMABLE_CHANGES).
+    """
+    saved = json.loads((resumed.path / CONFIG_NAME).read_text())["run_config"]
+    values = dict(saved)
+    conflicts = []
+    for key, value in cfg.to_dict().items():
+        if value == DEFAULTS[key] or value == saved.get(key):
+            continue
+        if key in RESUMABLE_CHANGES:
+            values[key] = value
+        else:
+            conflicts.append(f"{key}={value!r} (the checkpoint has {saved.get(key)!r})")
+    if conflicts:
+        raise CheckpointError(f"resume={cfg.resume}: {', '.join(conflicts)}. A resumed run must compute "
+                              f"what the original run did; leave these keys out")
+    if cfg.out_dir and os.path.realpath(cfg.out_dir) != os.path.realpath(cfg.resume):
+        raise CheckpointError(f"resume={cfg.resume} continues that run in its own directory; "
+                              f"leave out_dir unset or equal to it (got out_dir={cfg.out_dir})")
+    values.update(resume=cfg.resume, out_dir=cfg.resume)
+    return RunConfig.from_mapping(values)
+
+
+def prepare_content(strategy: DiLoCo, cfg: RunConfig, after_round: int) -> RecordDict:
+    """A prepare message: the worker's state after `after_round`, and the run config the server
+    resolved (a resumed run's config comes from its checkpoint, not from the node)."""
+    content = strategy.worker_state(after_round)
+    content[RUN_CONFIG_KEY] = ConfigRecord(cfg.to_dict())
+    return content
+
+
 def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     """DiLoCo's outer loop; returns the run's summary (also written to summary.json)."""
     if cfg.algorithm == "dp":
         raise ConfigError("algorithm=dp is the single-process data-parallel baseline, not a Flower "
                           "run; start it with `fl-diloco train algorithm=dp`")
+    # A resume reads (and verifies) its checkpoint before writing anything, so a corrupt one
+    # leaves the run directory exactly as it was.
+    resumed = load_training_checkpoint(cfg.resume) if cfg.resume else None
+    if resumed:
+        cfg = resume_config(cfg, resumed)
     out_dir = prepare_out_dir(cfg)
     log(INFO, "fl-diloco %s: writing to %s", cfg.algorithm, out_dir)
     # Building the corpus here first also fills the tokenizer/token cache the workers read.
@@ -138,25 +229,32 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     node_ids = wait_for_nodes(grid, cfg.num_clients, cfg.node_wait_timeout)
     strategy = DiLoCo.from_config(cfg, {n: p.detach().cpu() for n, p in model.named_parameters()},
                                   node_ids)
+    start_round, tokens_total = 0, 0
+    if resumed:
+        strategy.load_state_dict(resumed.outer_tensors, resumed.meta["strategy"])
+        start_round, tokens_total = resumed.round, int(resumed.meta["tokens_total"])
+        torch.set_rng_state(torch.tensor(resumed.meta["torch_rng_state"], dtype=torch.uint8))
+        log(INFO, "resuming from %s: round %d of %d", resumed.path, start_round, cfg.flower_rounds)
     strategy.summary()
     setup_began = time.perf_counter()
-    initial_state = strategy.initial_state()
-    not_ready = query_workers(grid, node_ids, PREPARE_ACTION, cfg.round_timeout, initial_state)
+    worker_state = prepare_content(strategy, cfg, start_round)
+    not_ready = query_workers(grid, node_ids, PREPARE_ACTION, cfg.round_timeout, worker_state)
     if not_ready:
         raise RuntimeError(f"the workers of nodes {not_ready} could not start; see the log above")
-    setup_bytes = serialized_bytes(initial_state) * len(node_ids)
+    setup_bytes = serialized_bytes(worker_state) * len(node_ids)
     log(INFO, "%d workers ready in %.1fs; they are training", len(node_ids),
         time.perf_counter() - setup_began)
-    run_log = RunLog(out_dir, cfg.flower_rounds)
-    run_log.log({"round": 0, "outer_step": 0, "tokens_total": 0,
-                 "eval_loss": eval_params(strategy.params)})
+    run_log = RunLog(out_dir, cfg.flower_rounds, continue_after=start_round if resumed else None)
+    if not resumed:
+        run_log.log({"round": 0, "outer_step": 0, "tokens_total": 0,
+                     "eval_loss": eval_params(strategy.params)})
 
-    pipeline = RoundPipeline(grid, strategy, cfg.flower_rounds, cfg.round_timeout)
-    pipeline.send_ready_rounds(aggregated_up_to=0)
-    tokens_total = 0
+    pipeline = RoundPipeline(grid, strategy, cfg, first_round=start_round + 1)
+    pipeline.send_ready_rounds(aggregated_up_to=start_round)
     round_began = time.perf_counter()
-    for server_round in range(1, cfg.flower_rounds + 1):
+    for server_round in range(start_round + 1, cfg.flower_rounds + 1):
         strategy.aggregate_train(server_round, pipeline.collect(server_round))
+        pipeline.resync_workers(aggregated_up_to=server_round)
         # Open the next round(s) before evaluating, so evaluation never delays a worker.
         pipeline.send_ready_rounds(aggregated_up_to=server_round)
         stats = strategy.history[-1]
@@ -180,6 +278,17 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
             "bytes_down": stats.bytes_down,
             "clients": stats.per_client,
         })
+        if cfg.checkpoint_every and server_round % (cfg.checkpoint_every * cfg.num_fragments) == 0:
+            outer_tensors, strategy_meta = strategy.state_dict()
+            save_training_checkpoint(
+                out_dir, server_round, strategy.params, outer_tensors,
+                {"tokens_total": tokens_total, "strategy": strategy_meta,
+                 "torch_rng_state": torch.get_rng_state().tolist(),
+                 # Every worker is at inner step round·H/P; its data stream position follows
+                 # from that step and the seed (clients.inner_loop.InnerTrainer.start_at).
+                 "data_positions": {str(p): server_round * cfg.sync_interval
+                                    for p in range(cfg.num_clients)}},
+                cfg, model_cfg, keep=cfg.keep_checkpoints)
         round_began = time.perf_counter()  # so the next round's throughput excludes evaluation
 
     if query_workers(grid, node_ids, SHUTDOWN_ACTION, timeout=60):

@@ -23,6 +23,9 @@ Replies that fail validation are logged with their node id and left out of the r
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -34,7 +37,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fl_diloco.config import RunConfig, staleness
-from strategies.codecs import CodecError, encode_tensors
+from strategies.codecs import CodecError, encode_tensors, encoded_nbytes
 from strategies.fragments import fragment_names, round_fragment, rounds_in_flight, stale_round
 from strategies.outer_optimizer import (OuterOptimizer, Tensors, WeightedAverage, eager_outer_gradient,
                                         zeros_like)
@@ -47,6 +50,10 @@ AGGREGATE_KEY = "aggregate"
 CONFIG_KEY = "config"
 OUTER_GRADIENT_KEY = "outer_gradient"
 METRICS_KEY = "metrics"
+MOMENTUM_KEY = "momentum"
+# A fresh worker process (restarted after a crash) answers a train request with this metric
+# instead of an outer gradient; the server then sends it its state (`worker_state`).
+NEEDS_STATE_METRIC = "needs_state"
 REQUIRED_METRICS = ("tokens", "train_loss", "compute_seconds", "idle_seconds")
 
 
@@ -76,6 +83,21 @@ class RoundAverage:
     wire: dict  # the encoded arrays, sent as they are to every node
     contributors: set[int]
 
+    @property
+    def participants(self) -> int:
+        return len(self.contributors)
+
+
+def tensors_norm(tensors: Mapping[str, torch.Tensor]) -> float:
+    """The L2 norm of a set of tensors taken as one vector."""
+    return math.sqrt(sum(float(t.float().pow(2).sum()) for t in tensors.values()))
+
+
+def default_reply_limit(shapes: Mapping[str, tuple[int, ...]], precision: str) -> int:
+    """Twice what an outer gradient of `shapes` takes on the wire, plus room for metrics."""
+    zeros = {n: torch.zeros(shape) for n, shape in shapes.items()}
+    return 2 * encoded_nbytes(encode_tensors(zeros, precision)) + 64 * 1024
+
 
 class DiLoCo(Strategy):
     """Outer Nesterov SGD over the clients' outer gradients, for diloco, delayed and eager."""
@@ -84,7 +106,8 @@ class DiLoCo(Strategy):
                  algorithm: str = "diloco", delay: int = 1, num_fragments: int = 1,
                  fragment_pattern: str = "strided", outer_lr: float = 0.7,
                  outer_momentum: float = 0.9, weighting: str = "uniform",
-                 wire_precision: str = "fp32") -> None:
+                 wire_precision: str = "fp32", outlier_norm_ratio: float = 0.0,
+                 max_reply_bytes: int = 0) -> None:
         if algorithm not in ("diloco", "delayed", "eager"):
             raise ValueError(f"the DiLoCo strategy runs diloco, delayed or eager, not '{algorithm}'")
         self.params = {n: t.detach().float().cpu().clone() for n, t in initial_params.items()}
@@ -98,6 +121,11 @@ class DiLoCo(Strategy):
         self.in_flight = rounds_in_flight(self.staleness, self.num_fragments)
         self.weighting = weighting
         self.wire_precision = wire_precision
+        self.outlier_norm_ratio = outlier_norm_ratio
+        self.max_reply_bytes = max_reply_bytes
+        # Nodes whose worker lost its state, and the round in which they said so.
+        self.needs_state: dict[int, int] = {}
+        self._reply_limits: dict[int, int] = {}
         self.averages: dict[int, RoundAverage] = {}
         self.history: list[RoundStats] = []
         self._pending: dict[int, RoundStats] = {}
@@ -108,7 +136,8 @@ class DiLoCo(Strategy):
         return cls(initial_params, node_ids, algorithm=cfg.algorithm, delay=cfg.delay,
                    num_fragments=cfg.num_fragments, fragment_pattern=cfg.fragment_pattern,
                    outer_lr=cfg.outer_lr, outer_momentum=cfg.outer_momentum,
-                   weighting=cfg.weighting, wire_precision=cfg.wire_precision)
+                   weighting=cfg.weighting, wire_precision=cfg.wire_precision,
+                   outlier_norm_ratio=cfg.outlier_norm_ratio, max_reply_bytes=cfg.max_reply_bytes)
 
     @property
     def num_fragments(self) -> int:
@@ -128,9 +157,58 @@ class DiLoCo(Strategy):
             self.wire_precision)
         log(INFO, "\t└──> %d clients, %s weighting", len(self.node_ids), self.weighting)
 
-    def initial_state(self) -> RecordDict:
-        """What a worker needs before its first inner step: θ(0), in full precision."""
-        return RecordDict({PARAMS_KEY: to_array_record({n: t.numpy() for n, t in self.params.items()})})
+    def worker_state(self, after_round: int = 0) -> RecordDict:
+        """What a worker needs to start training right after round `after_round` closed.
+
+        θ(0) before round 1. Later (a worker that restarted, or every worker of a resumed
+        run): θ and the outer momentum, both of which a `diloco`/`delayed` worker keeps as a
+        replica and an eager joiner takes as its own start, plus the averages it will still
+        apply that were sent before it (re)joined: rounds after_round − d·P + 1 … after_round.
+        A joiner has sent nothing, so it has no stale outer gradient to subtract.
+        """
+        content = RecordDict({PARAMS_KEY: to_array_record({n: t.numpy() for n, t in self.params.items()})})
+        if after_round == 0:
+            return content
+        content[MOMENTUM_KEY] = to_array_record({n: b.numpy() for n, b in self.momentum_buffer.items()})
+        pending = [r for r in sorted(self.averages)
+                   if after_round - self.staleness * self.num_fragments < r <= after_round]
+        for r in pending:
+            content[f"{AGGREGATE_KEY}.{r}"] = to_array_record(
+                {n: t.numpy() for n, t in self.averages[r].received.items()})
+        content[CONFIG_KEY] = ConfigRecord({
+            "start_round": after_round, "pending_rounds": pending,
+            "pending_participants": [self.averages[r].participants for r in pending]})
+        return content
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Everything the outer loop needs to continue: tensors, and JSON-able metadata."""
+        tensors = {f"params.{n}": t for n, t in self.params.items()}
+        tensors.update({f"momentum.{n}": b for n, b in self.momentum_buffer.items()})
+        for r, average in self.averages.items():
+            tensors.update({f"average.{r}.{n}": t for n, t in average.exact.items()})
+        meta = {"averages": {str(r): sorted(a.contributors) for r, a in self.averages.items()},
+                "history": [dataclasses.asdict(stats) for stats in self.history]}
+        return tensors, meta
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping) -> None:
+        """Restore what `state_dict` returned (the model and variant must be the same)."""
+        expected = {f"params.{n}" for n in self.params} | {f"momentum.{n}" for n in self.params}
+        missing = expected - set(tensors)
+        if missing:
+            raise ValueError(f"the saved outer state lacks {sorted(missing)[:3]}: it belongs to a "
+                             f"different model or configuration")
+        with torch.no_grad():
+            buffers = self.momentum_buffer
+            for n in self.params:  # in place: the fragment optimizers hold views of these
+                self.params[n].copy_(tensors[f"params.{n}"])
+                buffers[n].copy_(tensors[f"momentum.{n}"])
+        self.averages = {}
+        for r, contributors in meta["averages"].items():
+            fragment = self.fragments[round_fragment(int(r), self.num_fragments)]
+            exact = {n: tensors[f"average.{r}.{n}"].float() for n in fragment}
+            shapes = {n: tuple(self.params[n].shape) for n in fragment}
+            self.averages[int(r)] = self._round_average(exact, set(contributors), shapes)
+        self.history = [RoundStats(**stats) for stats in meta["history"]]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord | None = None,
                         config: ConfigRecord | None = None, grid: Grid | None = None) -> Iterable[Message]:
@@ -149,6 +227,8 @@ class DiLoCo(Strategy):
                 # A worker whose outer gradient was left out of that average must not
                 # subtract it again (eager) — it was never added.
                 "counted": bool(average and node_id in average.contributors),
+                # Eager workers weigh their own outer gradient by 1/M, M as last seen.
+                "participants": average.participants if average else 0,
                 **(dict(config) if config else {}),
             })})
             if wire is not None:
@@ -164,25 +244,32 @@ class DiLoCo(Strategy):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate and average round r's replies, then take θ's outer step.
+
+        `replies` is consumed lazily and each accepted outer gradient is folded into a running
+        sum at once, so memory stays O(model size) however many clients reply. The norm check
+        needs the round's median, which is only known at the end: a reply far above the
+        median of the norms seen so far (and the first two, before a median means anything)
+        is held back and judged when the round closes. Only outliers are held that long.
+        """
         fragment = round_fragment(server_round, self.num_fragments)
         stats = self._pending.pop(server_round, None) or RoundStats(round=server_round, fragment=fragment)
         names = self.fragments[fragment]
+        shapes = {n: tuple(self.params[n].shape) for n in names}
+        size_limit = self.max_reply_bytes or self._reply_limits.setdefault(
+            fragment, default_reply_limit(shapes, self.wire_precision))
         average = WeightedAverage()
         losses: list[tuple[float, int]] = []
+        norms: list[float] = []
+        held: list[tuple[int, float, dict, Tensors]] = []
         contributors: set[int] = set()
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                log(WARNING, "round %d: node %d failed: %s", server_round, node, reply.error.reason)
-                stats.rejected += 1
-                continue
-            stats.bytes_up += serialized_bytes(reply.content)
-            try:
-                metrics, outer_grad = self._read_reply(reply, names)
-            except CodecError as problem:
-                log(WARNING, "round %d: rejected the reply of node %d: %s", server_round, node, problem)
-                stats.rejected += 1
-                continue
+        seen: set[int] = set()
+
+        def reject(node: int, problem: object) -> None:
+            log(WARNING, "round %d: rejected the reply of node %d: %s", server_round, node, problem)
+            stats.rejected += 1
+
+        def accept(node: int, metrics: dict, outer_grad: Tensors) -> None:
             tokens = int(metrics["tokens"])
             average.add(outer_grad, 1.0 if self.weighting == "uniform" else float(tokens))
             contributors.add(node)
@@ -193,6 +280,47 @@ class DiLoCo(Strategy):
             stats.idle_seconds += float(metrics["idle_seconds"])
             stats.per_client.append({"node_id": node, **metrics})
 
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log(WARNING, "round %d: node %d failed: %s", server_round, node, reply.error.reason)
+                stats.rejected += 1
+                # Its worker may have died; sending the state to one that did not is harmless.
+                if node in self.node_ids:
+                    self.needs_state.setdefault(node, server_round)
+                continue
+            size = serialized_bytes(reply.content)
+            stats.bytes_up += size
+            try:
+                self._check_sender(reply, server_round, seen)
+                seen.add(node)
+                if size > size_limit:
+                    raise CodecError(f"message of {size} bytes exceeds the limit of {size_limit} "
+                                     f"(max_reply_bytes)")
+                if self._asks_for_state(reply):
+                    self.needs_state.setdefault(node, server_round)
+                    log(INFO, "round %d: node %d has a fresh worker; it gets the server's state",
+                        server_round, node)
+                    continue
+                metrics, outer_grad = self._read_reply(reply, shapes)
+            except CodecError as problem:
+                reject(node, problem)
+                continue
+            norm = tensors_norm(outer_grad)
+            norms.append(norm)
+            if self.outlier_norm_ratio and (len(norms) < 3
+                                            or norm > self.outlier_norm_ratio * statistics.median_low(norms)):
+                held.append((node, norm, metrics, outer_grad))
+            else:
+                accept(node, metrics, outer_grad)
+        for node, norm, metrics, outer_grad in held:
+            limit = self.outlier_norm_ratio * statistics.median_low(norms)
+            if norm > limit:
+                reject(node, f"outer-gradient norm {norm:.4g} is above {self.outlier_norm_ratio:g} x "
+                             f"the round's median ({limit:.4g}; outlier_norm_ratio)")
+            else:
+                accept(node, metrics, outer_grad)
+
         if average.count:
             exact = average.result()
             stats.train_loss = sum(l * t for l, t in losses) / sum(t for _, t in losses)
@@ -201,15 +329,30 @@ class DiLoCo(Strategy):
             # worker alike, so their outer states stay in step.
             log(WARNING, "round %d: no usable reply; the round's average is zero", server_round)
             exact = zeros_like({n: self.params[n] for n in names})
-        wire = encode_tensors(exact, self.wire_precision)
-        received = decode_outer_gradient(wire, self.wire_precision,
-                                         {n: tuple(self.params[n].shape) for n in names})
-        self.averages[server_round] = RoundAverage(exact, received, wire, contributors)
+        self.averages[server_round] = self._round_average(exact, contributors, shapes)
         self.optimizers[fragment].step(self._global_update(server_round))
         self._forget_old_averages(server_round)
         self.history.append(stats)
         return None, MetricRecord({"train_loss": stats.train_loss, "tokens": stats.tokens,
                                    "participants": stats.participants})
+
+    def _round_average(self, exact: Tensors, contributors: set[int],
+                       shapes: Mapping[str, tuple[int, ...]]) -> RoundAverage:
+        """Quantize the average once, exactly as every worker will decode it."""
+        wire = encode_tensors(exact, self.wire_precision)
+        received = decode_outer_gradient(wire, self.wire_precision, shapes)
+        return RoundAverage(exact, received, wire, contributors)
+
+    def _check_sender(self, reply: Message, server_round: int, seen: set[int]) -> None:
+        """A reply must answer this round's request, from a node of the run, once."""
+        node = reply.metadata.src_node_id
+        if node not in self.node_ids:
+            raise CodecError(f"node {node} is not one of this run's nodes")
+        if reply.metadata.group_id != str(server_round):
+            raise CodecError(f"it answers round '{reply.metadata.group_id}', not round {server_round} "
+                             f"(a late reply for a closed round, or a forged one)")
+        if node in seen:
+            raise CodecError("a second reply from the same node in one round")
 
     def _global_update(self, server_round: int) -> Tensors:
         """The outer gradient θ's fragment takes this round (module docstring)."""
@@ -221,7 +364,9 @@ class DiLoCo(Strategy):
             stale = RoundAverage(zeros_like(current.exact), zeros_like(current.exact), {}, set())
         if self.algorithm == "delayed":
             return stale.received
-        return eager_outer_gradient(stale.received, current.exact, stale.exact, 1.0 / len(self.node_ids))
+        # The mean over this round's M participants of their eager updates (module docstring).
+        weight = 1.0 / max(1, current.participants)
+        return eager_outer_gradient(stale.received, current.exact, stale.exact, weight)
 
     def _forget_old_averages(self, server_round: int) -> None:
         # Still needed: the stale average of the next rounds, and the ones not yet delivered.
@@ -229,7 +374,13 @@ class DiLoCo(Strategy):
         for old in [r for r in self.averages if r < keep_from]:
             del self.averages[old]
 
-    def _read_reply(self, reply: Message, names: list[str]) -> tuple[dict, Tensors]:
+    @staticmethod
+    def _asks_for_state(reply: Message) -> bool:
+        return (METRICS_KEY in reply.content.metric_records
+                and bool(reply.content[METRICS_KEY].get(NEEDS_STATE_METRIC, 0))
+                and OUTER_GRADIENT_KEY not in reply.content.array_records)
+
+    def _read_reply(self, reply: Message, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict, Tensors]:
         """The reply's metrics and decoded outer gradient; CodecError says what is wrong."""
         content = reply.content
         if OUTER_GRADIENT_KEY not in content.array_records:
@@ -240,9 +391,11 @@ class DiLoCo(Strategy):
         missing = [key for key in REQUIRED_METRICS if key not in metrics]
         if missing:
             raise CodecError(f"metrics {missing} missing")
+        for key in REQUIRED_METRICS:
+            if not isinstance(metrics[key], (int, float)) or not math.isfinite(metrics[key]):
+                raise CodecError(f"metric '{key}' is {metrics[key]!r}, not a finite number")
         if int(metrics["tokens"]) <= 0:
             raise CodecError(f"non-positive token count {metrics['tokens']}")
-        shapes = {n: tuple(self.params[n].shape) for n in names}
         return metrics, decode_outer_gradient(from_array_record(content[OUTER_GRADIENT_KEY]),
                                               self.wire_precision, shapes)
 

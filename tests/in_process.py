@@ -26,7 +26,7 @@ def run_in_process(cfg: RunConfig, rounds: int | None = None) -> tuple[DiLoCo, l
     strategy = DiLoCo.from_config(cfg, initial, node_ids)
     workers = [Worker() for _ in node_ids]
     common = {"run_config": cfg.to_dict(), "num_partitions": cfg.num_clients, "device": "cpu"}
-    theta0 = from_array_record(strategy.initial_state()[PARAMS_KEY])
+    theta0 = from_array_record(strategy.worker_state()[PARAMS_KEY])
     for partition, worker in enumerate(workers):
         answer = worker.handle({"kind": "prepare", "partition_id": partition, "params": theta0, **common})
         assert "error" not in answer, answer["error"]

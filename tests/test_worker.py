@@ -48,7 +48,8 @@ def test_worker_reports_errors_instead_of_crashing(tmp_path):
     answer = Worker().handle({"kind": "prepare", "run_config": cfg.to_dict(), "partition_id": 0,
                               "num_partitions": 2, "params": {}})  # no parameters at all
     assert "error" in answer and "KeyError" in answer["error"]
-    assert "train before prepare" in Worker().handle({"kind": "train", "round": 1})["error"]
+    # A fresh worker (its predecessor died) asks the server for the state instead of training.
+    assert Worker().handle({"kind": "train", "round": 1}) == {"needs_state": True}
 
 
 @pytest.fixture

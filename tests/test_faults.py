@@ -1,0 +1,133 @@
+"""Faults (issue 5): workers that die and come back, a server that dies and resumes, and
+checkpoints that are damaged. The real ServerApp loop runs against real workers through
+tests/fake_grid.py; test_fault_processes.py repeats the server kill with real processes."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from fl_diloco.checkpoint import (OUTER_STATE_NAME, WEIGHTS_NAME, CheckpointError, load_training_checkpoint,
+                                  training_checkpoints)
+from fl_diloco.config import RunConfig
+from fl_diloco.server_app import run_server
+from tests.conftest import small_config
+from tests.fake_grid import FakeGrid, ServerKilled
+
+
+def _records(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _run(cfg, grid):
+    try:
+        return run_server(grid, cfg)
+    finally:
+        grid.stop_all()
+
+
+@pytest.mark.parametrize("algorithm", ["diloco", "eager"])
+def test_a_worker_that_dies_mid_round_is_left_out_then_resyncs_and_contributes_again(tmp_path, algorithm):
+    # outer_lr 0.3: at H = 4, eager at 0.7 overshoots even without a fault.
+    cfg = small_config(tmp_path, algorithm=algorithm, num_clients=3, rounds=6, checkpoint_every=0,
+                       outer_lr=0.3)
+    grid = FakeGrid(3)
+    grid.crash_at.add((101, 2))
+    summary = _run(cfg, grid)
+    participants = {r["round"]: r["participants"] for r in _records(tmp_path / "run") if r["round"]}
+    assert participants[1] == 3 and participants[2] == 2  # round 2 closes with the survivors
+    # The fresh worker asks for the state, gets it, and is counted again a few rounds later.
+    assert participants[6] == 3
+    assert min(r for r, p in participants.items() if r > 2 and p == 3) <= 3 + grid_in_flight(cfg)
+    assert math.isfinite(summary["final_eval_loss"])
+    assert summary["final_eval_loss"] < summary["first_eval_loss"] - 1.0
+    rejoined = grid.workers[101]
+    assert rejoined.start_round >= 2 and rejoined.trainer.step == cfg.total_inner_steps
+
+
+def grid_in_flight(cfg):
+    return max(1, cfg.staleness * cfg.num_fragments)
+
+
+def test_a_silent_node_does_not_hold_the_round_past_the_timeout(tmp_path):
+    cfg = small_config(tmp_path, num_clients=3, rounds=4, round_timeout=3.0, checkpoint_every=0)
+    grid = FakeGrid(3)
+    grid.silent_at.add((102, 2))
+    _run(cfg, grid)
+    records = {r["round"]: r for r in _records(tmp_path / "run")}
+    assert records[2]["participants"] == 2
+    assert records[3]["participants"] == 3  # the node was only silent, its worker kept its state
+
+
+def test_a_joiner_starts_from_the_servers_state(tmp_path):
+    """The state a restarted worker receives is the server's θ and momentum after the round,
+    and its data stream is where a worker that never stopped would be."""
+    cfg = small_config(tmp_path, num_clients=2, rounds=4, checkpoint_every=0)
+    grid = FakeGrid(2)
+    grid.crash_at.add((100, 3))
+    _run(cfg, grid)
+    joiner, survivor = grid.workers[100], grid.workers[101]
+    assert joiner.start_round in (3, 4)
+    # Both now hold the same replica of the global outer state (diloco).
+    for f_joiner, f_survivor in zip(joiner.fragments, survivor.fragments):
+        for name in f_joiner.outer.params:
+            torch.testing.assert_close(f_joiner.outer.params[name], f_survivor.outer.params[name])
+            torch.testing.assert_close(f_joiner.outer.momentum_buffer[name],
+                                       f_survivor.outer.momentum_buffer[name])
+
+
+@pytest.mark.parametrize("algorithm", ["diloco", "delayed", "eager"])
+def test_killed_server_resumes_from_its_latest_checkpoint(tmp_path, algorithm):
+    base = dict(num_clients=2, rounds=6, checkpoint_every=1, keep_checkpoints=2, algorithm=algorithm,
+                outer_lr=0.3)
+    reference = _run(small_config(tmp_path / "ref", **base), FakeGrid(2))
+
+    cfg = small_config(tmp_path, **base)
+    grid = FakeGrid(2)
+    grid.kill_server_at = 5  # dies as it opens round 5, before round 4's checkpoint is written
+    with pytest.raises(ServerKilled):
+        _run(cfg, grid)
+    out_dir = tmp_path / "run"
+    assert [p.name for p in training_checkpoints(out_dir)] == ["round-000002", "round-000003"]  # pruned
+    before = {r["round"]: r for r in _records(out_dir)}
+
+    # A resume names only the run directory: every other key comes from the checkpoint.
+    resumed_cfg = RunConfig.from_mapping({"resume": str(out_dir)})
+    summary = _run(resumed_cfg, FakeGrid(2))
+    after = {r["round"]: r for r in _records(out_dir)}
+    assert sorted(after) == list(range(7))
+    for r in range(4):  # rounds the checkpoint holds keep their records; round 4 is redone
+        assert after[r] == before[r]
+    # The checkpoint holds θ, the outer momentum, the averages in flight and the data
+    # positions, and each node kept its worker's AdamW moments: diloco and delayed workers
+    # hold replicas of that state, so the resumed run continues the uninterrupted one exactly.
+    # Eager workers each had their own θ_m; they resume from their mean, without their own
+    # stale outer gradients: a small perturbation, within noise.
+    reference_curve = [r["eval_loss"] for r in _records(tmp_path / "ref" / "run")]
+    tolerance = 0.05 if algorithm == "eager" else 1e-4
+    assert [after[r]["eval_loss"] for r in range(7)] == pytest.approx(reference_curve, abs=tolerance)
+    assert summary["tokens"] == reference["tokens"]
+
+
+def test_resume_refuses_a_config_that_computes_something_else(tmp_path):
+    cfg = small_config(tmp_path, rounds=2, checkpoint_every=1)
+    _run(cfg, FakeGrid(2))
+    with pytest.raises(CheckpointError, match="inner_lr"):
+        _run(small_config(tmp_path, resume=str(tmp_path / "run"), out_dir="", inner_lr=0.01), FakeGrid(2))
+
+
+@pytest.mark.parametrize("damaged", [WEIGHTS_NAME, OUTER_STATE_NAME, "state.json"])
+def test_a_damaged_checkpoint_is_named_and_nothing_is_overwritten(tmp_path, damaged):
+    cfg = small_config(tmp_path, rounds=2, checkpoint_every=1)
+    _run(cfg, FakeGrid(2))
+    out_dir = tmp_path / "run"
+    latest = training_checkpoints(out_dir)[-1]
+    target = latest / damaged
+    target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2])  # truncated
+    snapshot = {p: p.read_bytes() for p in out_dir.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match=str(target) if damaged != "state.json" else "state.json"):
+        load_training_checkpoint(out_dir)
+    with pytest.raises(CheckpointError, match=damaged):
+        _run(small_config(tmp_path, resume=str(out_dir), out_dir=""), FakeGrid(2))
+    assert {p: p.read_bytes() for p in out_dir.rglob("*") if p.is_file()} == snapshot

@@ -5,13 +5,19 @@ tests/fake_grid.py; test_fault_processes.py repeats the server kill with real pr
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
+from flwr.app import Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 from fl_diloco.checkpoint import (OUTER_STATE_NAME, WEIGHTS_NAME, CheckpointError, load_training_checkpoint,
                                   training_checkpoints)
 from fl_diloco.config import RunConfig
 from fl_diloco.server_app import run_server
+from strategies.diloco import CONFIG_KEY, METRICS_KEY, OUTER_GRADIENT_KEY, DiLoCo
+from strategies.outer_optimizer import OuterOptimizer, eager_outer_gradient, zeros_like
+from strategies.wire import to_array_record
 from tests.conftest import small_config
 from tests.fake_grid import FakeGrid, ServerKilled
 
@@ -131,3 +137,32 @@ def test_a_damaged_checkpoint_is_named_and_nothing_is_overwritten(tmp_path, dama
     with pytest.raises(CheckpointError, match=damaged):
         _run(small_config(tmp_path, resume=str(out_dir), out_dir=""), FakeGrid(2))
     assert {p: p.read_bytes() for p in out_dir.rglob("*") if p.is_file()} == snapshot
+
+
+def test_eager_takes_m_as_the_rounds_participant_count():
+    """With one of three workers gone, the server's eager update mixes the fresh average with
+    weight 1/2, the round's participant count, and the workers are told M = 2."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    params = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    strategy = DiLoCo(params, node_ids=[1, 2, 3], algorithm="eager", delay=1, outer_lr=0.5,
+                      outer_momentum=0.9)
+    expected = OuterOptimizer({"w": params["w"].clone()}, 0.5, 0.9)
+
+    def reply(request, value):
+        metrics = MetricRecord({"train_loss": 1.0, "tokens": 10, "compute_seconds": 1.0, "idle_seconds": 0.0})
+        grads = to_array_record({"w": np.full((2, 3), value, np.float32)})
+        return Message(content=RecordDict({OUTER_GRADIENT_KEY: grads, METRICS_KEY: metrics}), reply_to=request)
+
+    requests = list(strategy.configure_train(1))
+    strategy.aggregate_train(1, [reply(r, v) for r, v in zip(requests, (1.0, 2.0, 3.0))])
+    average_1 = {"w": torch.full((2, 3), 2.0)}
+    expected.step(eager_outer_gradient(zeros_like(average_1), average_1, zeros_like(average_1), 1 / 3))
+    requests = list(strategy.configure_train(2))
+    assert all(r.content[CONFIG_KEY]["participants"] == 3 for r in requests)
+    strategy.aggregate_train(2, [reply(requests[0], 4.0), reply(requests[2], 6.0)])  # node 2 is gone
+    average_2 = {"w": torch.full((2, 3), 5.0)}
+    expected.step(eager_outer_gradient(average_1, average_2, average_1, 1 / 2))
+    torch.testing.assert_close(strategy.params["w"], expected.params["w"])
+    requests = list(strategy.configure_train(3))
+    assert [r.content[CONFIG_KEY]["participants"] for r in requests] == [2, 2, 2]
+    assert [r.content[CONFIG_KEY]["counted"] for r in requests] == [True, False, True]

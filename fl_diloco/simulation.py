@@ -23,6 +23,11 @@ def simulate(cfg: RunConfig) -> dict[str, Any]:
     """Train `cfg` with `num_clients` simulated SuperNodes; returns summary.json's content."""
     from flwr.simulation import run_simulation
 
+    if cfg.resume:  # the checkpoint's config says how many SuperNodes to simulate
+        from fl_diloco.checkpoint import load_training_checkpoint
+        from fl_diloco.server_app import resume_config
+
+        cfg = resume_config(cfg, load_training_checkpoint(cfg.resume))
     if not cfg.out_dir:
         cfg = cfg.replace(out_dir=default_out_dir(cfg.algorithm))
     # Remember which GPUs exist before Ray hides them from the (GPU-less) ClientApps; the

@@ -16,8 +16,9 @@ only when an average it needs has not arrived; those waits are its idle seconds.
 A worker that starts late (its process crashed and the node started a new one, or the whole
 run resumed from a checkpoint) is prepared with the server's state after some round r instead
 of θ(0): θ, the outer momentum, the averages it still has to apply, and its position in the
-run (inner step r·H/P, the data stream fast-forwarded to it). Only the AdamW moments start
-afresh. Until that state arrives it answers train requests with `needs_state`.
+run (inner step r·H/P, the data stream fast-forwarded to it). Its AdamW moments come from
+the node's own save of that round when there is one (a resumed run), else they start afresh.
+Until that state arrives it answers train requests with `needs_state`.
 
 Requests and replies are plain dicts of numpy arrays and numbers, so this class can be driven
 directly in tests without any process or socket.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import threading
 import time
 import traceback
@@ -122,8 +124,10 @@ class Worker:
                 return {"ok": True}
             if kind == "train":
                 return self.train(request)
-            if kind == "shutdown":
+            if kind == "shutdown":  # the run is over: nothing will resume it
                 self.stop()
+                if self.cfg is not None:
+                    shutil.rmtree(optimizer_state_dir(self.cfg, self.partition[0]), ignore_errors=True)
                 return {"ok": True}
             return {"error": f"unknown request kind {kind!r}"}
         except Exception:  # noqa: BLE001 - the adapter reports it with the node id
@@ -199,7 +203,7 @@ class Worker:
 
     def _save_optimizer(self, server_round: int) -> None:
         cfg = self.cfg
-        if not (cfg.checkpoint_every and server_round % (cfg.checkpoint_every * cfg.num_fragments) == 0):
+        if not cfg.checkpoint_due(server_round):
             return
         directory = optimizer_state_dir(cfg, self.partition[0])
         directory.mkdir(parents=True, exist_ok=True)

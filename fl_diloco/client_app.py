@@ -17,8 +17,8 @@ from flwr.clientapp import ClientApp
 
 from clients.channel import WorkerHandle
 from fl_diloco.config import RunConfig
-from strategies.diloco import (AGGREGATE_KEY, CONFIG_KEY, METRICS_KEY, MOMENTUM_KEY, NEEDS_STATE_METRIC,
-                               OUTER_GRADIENT_KEY, PARAMS_KEY)
+from strategies.protocol import (AGGREGATE_KEY, CONFIG_KEY, METRICS_KEY, MOMENTUM_KEY, NEEDS_STATE_METRIC,
+                                OUTER_GRADIENT_KEY, PARAMS_KEY)
 from strategies.wire import from_array_record, to_array_record
 
 PREPARE_ACTION = "prepare"
@@ -77,7 +77,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     app = ClientApp()
 
     def run_config(context: Context) -> RunConfig:
-        return RunConfig.from_mapping({**dict(context.run_config), **dict(overrides or {})})
+        return RunConfig.from_mapping({**dict(context.run_config), **dict(overrides or {})}, validate=False)
 
     def call_worker(context: Context, kind: str, cfg: RunConfig | None = None, **fields: Any) -> dict[str, Any]:
         cfg = cfg or run_config(context)
@@ -95,7 +95,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     def prepare(msg: Message, context: Context) -> Message:
         """Start the worker with θ(0), or with the server's state when it (re)joins late; it
         begins training at once, so round timings measure training, not start-up."""
-        cfg = (RunConfig.from_mapping(dict(msg.content[RUN_CONFIG_KEY]))
+        cfg = (RunConfig.from_mapping(dict(msg.content[RUN_CONFIG_KEY]), validate=False)
                if RUN_CONFIG_KEY in msg.content.config_records else None)
         call_worker(context, "prepare", cfg, **prepare_request_fields(msg.content))
         return Message(content=RecordDict({METRICS_KEY: MetricRecord({"ready": 1})}), reply_to=msg)

@@ -106,8 +106,13 @@ class RunConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
-        """Build and validate a config; unknown keys and bad values raise ConfigError."""
+    def from_mapping(cls, values: Mapping[str, Any], validate: bool = True) -> RunConfig:
+        """Build and validate a config; unknown keys and bad values raise ConfigError.
+
+        `validate=False` only checks keys and types: for the ClientApp adapter, which Flower
+        starts for every message and which must not import torch (the model presets); the
+        server and the worker validate the same config in full.
+        """
         known = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for raw_key, value in values.items():
@@ -120,7 +125,8 @@ class RunConfig:
                 )
             kwargs[key] = _coerce(key, value, known[key].type)
         config = cls(**kwargs)
-        config.validate()
+        if validate:
+            config.validate()
         return config
 
     def to_dict(self) -> dict[str, Any]:
@@ -245,6 +251,11 @@ class RunConfig:
         if self.wire_precision != "fp32":
             parts.append(self.wire_precision)
         return ", ".join(parts)
+
+    def checkpoint_due(self, server_round: int) -> bool:
+        """Whether the server checkpoints (and each worker saves its AdamW moments) after
+        Flower round `server_round`: every `checkpoint_every` outer steps."""
+        return bool(self.checkpoint_every) and server_round % (self.checkpoint_every * self.num_fragments) == 0
 
     @property
     def total_inner_steps(self) -> int:

@@ -111,7 +111,7 @@ def train_data_parallel(cfg: RunConfig) -> dict[str, Any]:
         model.train()
         return loss
 
-    run_log = RunLog(out_dir, cfg.rounds)
+    run_log = RunLog(out_dir, cfg.rounds, tensorboard=cfg.tensorboard)
     run_log.log({"round": 0, "tokens_total": 0, "eval_loss": eval_loss()})
 
     step = 0

@@ -40,7 +40,8 @@ class RunLog:
     from the last of them.
     """
 
-    def __init__(self, out_dir: Path, total_rounds: int, continue_after: int | None = None) -> None:
+    def __init__(self, out_dir: Path, total_rounds: int, continue_after: int | None = None,
+                 tensorboard: bool = False) -> None:
         self.path = out_dir / METRICS_NAME
         self.total_rounds = total_rounds
         self.records: list[dict[str, Any]] = []
@@ -52,12 +53,19 @@ class RunLog:
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
         elapsed = self.records[-1]["wall_seconds"] if self.records else 0.0
         self.started = time.perf_counter() - elapsed
+        self.tensorboard = None
+        if tensorboard:
+            from fl_diloco.tracking import TensorBoardLog
+
+            self.tensorboard = TensorBoardLog(out_dir)
 
     def log(self, record: dict[str, Any]) -> None:
         record = {**record, "wall_seconds": time.perf_counter() - self.started}
         self.records.append(record)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tensorboard:
+            self.tensorboard.log(record)
         print(
             f"[round {record['round']:>3}/{self.total_rounds}] "
             f"train_loss {_fmt(record.get('train_loss'))}  "
@@ -154,6 +162,8 @@ def finish_run(out_dir: Path, algorithm: str, cfg: Any, run_log: RunLog, *, comp
         "config": cfg.to_dict(),
     }
     write_summary(out_dir, summary)
+    if run_log.tensorboard:
+        run_log.tensorboard.close()
     plot_loss_vs_tokens(out_dir, run_log.records,
                         f"{algorithm}: {cfg.model}, M={cfg.num_clients}, H={cfg.inner_steps}",
                         summary.get("unigram_entropy"))

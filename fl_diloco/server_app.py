@@ -244,7 +244,8 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     setup_bytes = serialized_bytes(worker_state) * len(node_ids)
     log(INFO, "%d workers ready in %.1fs; they are training", len(node_ids),
         time.perf_counter() - setup_began)
-    run_log = RunLog(out_dir, cfg.flower_rounds, continue_after=start_round if resumed else None)
+    run_log = RunLog(out_dir, cfg.flower_rounds, continue_after=start_round if resumed else None,
+                     tensorboard=cfg.tensorboard)
     if not resumed:
         run_log.log({"round": 0, "outer_step": 0, "tokens_total": 0,
                      "eval_loss": eval_params(strategy.params)})
@@ -278,7 +279,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
             "bytes_down": stats.bytes_down,
             "clients": stats.per_client,
         })
-        if cfg.checkpoint_every and server_round % (cfg.checkpoint_every * cfg.num_fragments) == 0:
+        if cfg.checkpoint_due(server_round):
             outer_tensors, strategy_meta = strategy.state_dict()
             save_training_checkpoint(
                 out_dir, server_round, strategy.params, outer_tensors,

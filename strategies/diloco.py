@@ -16,9 +16,13 @@ model, using the same quantized averages the workers receive:
   delayed   θ_p ← Outer_p(θ_p, Δ(k))              k = r − d·P; every worker holds this θ
   eager     θ_p ← Outer_p(θ_p, Δ(k) + (Δ(r) − Δ(k))/M)
             the mean of the workers' own outer parameters θ_m: the outer step is linear, so
-            the mean follows the mean of the workers' eager updates exactly (SPEC §2)
+            the mean follows the mean of the workers' eager updates exactly (SPEC §2).
+            M is round r's participant count; the tracking is exact while every worker
+            takes part, and stays the natural estimate when some drop out.
 
-Replies that fail validation are logged with their node id and left out of the round.
+Replies that fail validation (hostile input, SPEC §5) are logged with their node id and left
+out of the round. A node whose worker failed, went silent or restarted gets the server's
+state (`worker_state`) and contributes again from its next request.
 """
 
 from __future__ import annotations
@@ -39,22 +43,13 @@ from flwr.supercore import log
 from fl_diloco.config import RunConfig, staleness
 from strategies.codecs import CodecError, encode_tensors, encoded_nbytes
 from strategies.fragments import fragment_names, round_fragment, rounds_in_flight, stale_round
+from strategies.protocol import (AGGREGATE_KEY, CONFIG_KEY, METRICS_KEY, MOMENTUM_KEY, NEEDS_STATE_METRIC,
+                                 OUTER_GRADIENT_KEY, PARAMS_KEY, REQUIRED_METRICS)
 from strategies.outer_optimizer import (OuterOptimizer, Tensors, WeightedAverage, eager_outer_gradient,
                                         zeros_like)
 from strategies.validation import decode_outer_gradient
 from strategies.wire import from_array_record, serialized_bytes, to_array_record
 
-# Keys of the records exchanged with the ClientApp.
-PARAMS_KEY = "params"
-AGGREGATE_KEY = "aggregate"
-CONFIG_KEY = "config"
-OUTER_GRADIENT_KEY = "outer_gradient"
-METRICS_KEY = "metrics"
-MOMENTUM_KEY = "momentum"
-# A fresh worker process (restarted after a crash) answers a train request with this metric
-# instead of an outer gradient; the server then sends it its state (`worker_state`).
-NEEDS_STATE_METRIC = "needs_state"
-REQUIRED_METRICS = ("tokens", "train_loss", "compute_seconds", "idle_seconds")
 
 
 @dataclass

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+if TYPE_CHECKING:  # the ClientApp adapter uses this module and must not import torch
+    import torch
 
 
 def to_array_record(tensors: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayRecord:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from fl_diloco.cli import check_overrides, main
 from fl_diloco.config import DEFAULTS, ConfigError, RunConfig
@@ -19,6 +21,11 @@ def test_pyproject_run_config_repeats_the_dataclass_defaults():
 
 
 def test_hydra_config_repeats_the_dataclass_defaults():
+    # What Hydra composes (config.yaml plus the group options its defaults list picks), and
+    # config.yaml's own keys, which list every key for the reader.
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        composed = OmegaConf.to_container(compose(config_name="config"))
+    assert composed == DEFAULTS
     hydra_config = yaml.safe_load((ROOT / "conf" / "config.yaml").read_text())
     hydra_config = {k: v for k, v in hydra_config.items() if k not in ("defaults", "hydra")}
     assert hydra_config == DEFAULTS

@@ -38,3 +38,19 @@ def test_without_tensorboard_the_error_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
     with pytest.raises(ImportError, match=r"pip install -e \"\.\[tensorboard\]\""):
         TensorBoardLog(tmp_path)
+
+
+def test_a_run_with_tensorboard_true_writes_its_rounds(tmp_path):
+    pytest.importorskip("tensorboard", reason="an optional extra: pip install -e '.[tensorboard]'")
+    from fl_diloco.server_app import run_server
+    from tests.conftest import small_config
+    from tests.fake_grid import FakeGrid
+
+    grid = FakeGrid(2)
+    try:
+        run_server(grid, small_config(tmp_path, rounds=2, tensorboard=True, checkpoint_every=0))
+    finally:
+        grid.stop_all()
+    scalars = read_scalars(tmp_path / "run" / TENSORBOARD_DIR)
+    assert [step for step, _ in scalars["eval_loss"]] == [0, 1, 2]
+    assert [step for step, _ in scalars["client0/compute_seconds"]] == [1, 2]

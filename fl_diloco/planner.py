@@ -42,6 +42,23 @@ Bytes per sync, each worker (one sync = one all-reduce of a payload of S bits):
     For the same reason a star sync cannot start before its whole payload is ready (no
     per-layer pipelining, see below).
 
+``sync_hops()`` is the number of one-way delays a sync pays in sequence: 2·(M−1) around the
+ring, 2 through the star (up, then down).
+
+Fixed costs per sync. Whatever a sync costs regardless of bandwidth enters as latency. In a
+Flower deployment that is mostly the framework itself: the SuperNode polls for messages, a
+fresh ClientApp process starts for every message, the ServerApp polls for replies (SPEC §5;
+about 3 to 4 s per round on an idle machine). Measure it once per round (e.g. a `diloco`
+worker's idle seconds per round on an unshaped link) and pass
+
+    latency_s = one-way link delay + per-round overhead / sync_hops(workload)
+
+(``fl-diloco plan --sync-overhead``). A blocking method pays it in full every sync; eager
+hides it as long as the whole sync (transfers plus overhead) fits in its d·H steps of
+overlap. That is also what Flower does: with d·P rounds in flight (strategies/fragments.py,
+one for `eager` d = 1, P = 1) the next round's request goes out only when a round closes,
+so a sync's latency is not pipelined away behind the next one, exactly as modelled below.
+
 Timeline inside one inner step of length T (the accelerator's view): the forward pass takes
 1/3 of T and the backward pass 2/3 (6·N FLOPs per token = 2·N forward + 4·N backward), both
 spread evenly over the L blocks. Block j (0 = nearest the input) therefore finishes its
@@ -120,7 +137,10 @@ What the paper's simulation must assume was inferred from its numbers, then fixe
   prints each row's implied bits per value and shape error so the disagreement is explicit.
 
 Known limits: steady state (the first and last syncs of a run are ignored); one link per
-worker shared by all its traffic; compute per step is uniform; optimizer time is ignored.
+worker shared by all its traffic; compute per step is uniform; optimizer time is ignored;
+bandwidth is goodput (a shaped link's framing costs a few % of its nominal rate); compute
+slowed down by the communication's own CPU work (process start-up, serialisation) on the
+same cores is not modelled: measure the step time where the run happens.
 """
 
 from __future__ import annotations
@@ -155,6 +175,7 @@ __all__ = [
     "plot_cu_vs_bandwidth",
     "predict",
     "step_time_from_flops",
+    "sync_hops",
     "traffic_per_sync",
     "workload_from_preset",
 ]
@@ -271,12 +292,17 @@ class Workload:
         return dataclasses.replace(self, **changes)
 
 
-def workload_from_preset(name: str, step_time: float, **kwargs: object) -> Workload:
-    """A Workload for ``fl_diloco.model.PRESETS[name]``: exact N, L and non-block size."""
+def workload_from_preset(name: str, step_time: float, *, vocab_size: int | None = None,
+                         seq_len: int | None = None, **kwargs: object) -> Workload:
+    """A Workload for ``fl_diloco.model.PRESETS[name]``: exact N, L and non-block size.
+
+    ``vocab_size``/``seq_len`` override the preset's, as a run's config does (the tiny
+    presets are usually trained with the run's own tokenizer size).
+    """
     # fl_diloco.model imports torch: only pay for it when a preset is asked for.
     from fl_diloco.model import count_parameters, model_config
 
-    cfg = model_config(name)
+    cfg = model_config(name, vocab_size=vocab_size, seq_len=seq_len)
     one, two = (count_parameters(dataclasses.replace(cfg, n_layers=n)) for n in (1, 2))
     params = count_parameters(cfg)
     non_block = params - cfg.n_layers * (two - one)
@@ -332,6 +358,13 @@ def parse_method(name: str | Method) -> Method:
 # --------------------------------------------------------------------------------------
 
 
+def sync_hops(workload: Workload) -> int:
+    """One-way delays a sync pays in sequence: 2·(M−1) around a ring, 2 through the star."""
+    if workload.topology == "ring":
+        return 2 * (workload.workers - 1)
+    return 2
+
+
 def link_costs(workload: Workload, bandwidth_gbps: float, latency_s: float) -> tuple[float, float]:
     """(seconds per payload bit, seconds of latency per sync) for one worker's sync."""
     m = workload.workers
@@ -339,10 +372,10 @@ def link_costs(workload: Workload, bandwidth_gbps: float, latency_s: float) -> t
         if m == 1:
             return 0.0, 0.0
         per_bit = 2 * (m - 1) / m / (bandwidth_gbps * GBIT)
-        return per_bit, 2 * (m - 1) * latency_s
+        return per_bit, sync_hops(workload) * latency_s
     server = workload.server_bandwidth_gbps or bandwidth_gbps
     per_bit = 2 * max(1 / (bandwidth_gbps * GBIT), m / (server * GBIT))
-    return per_bit, 2 * latency_s
+    return per_bit, sync_hops(workload) * latency_s
 
 
 def traffic_per_sync(workload: Workload, payload_bytes: float) -> dict[str, float]:
@@ -636,6 +669,10 @@ def _build_parser() -> argparse.ArgumentParser:
     n.add_argument("--latency", type=_NONNEG_FLOAT, default=0.0,
                    help="one-way delay per hop in s (default 0); a ring sync pays 2(M-1) "
                         "hops, a star sync 2")
+    n.add_argument("--sync-overhead", type=_NONNEG_FLOAT, default=0.0,
+                   help="fixed seconds per sync that no bandwidth removes, e.g. a Flower "
+                        "deployment's per-round overhead (SPEC §5, ~3-4 s); added to the "
+                        "latency as overhead / hops per sync (default 0)")
     n.add_argument("--bandwidth", type=_POS_FLOAT, help="Gbit/s: add CU and wall-time columns")
     n.add_argument("--steps", type=_POS_INT,
                    help="inner steps for the wall-time column (default H)")
@@ -672,7 +709,7 @@ def _workload_from_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> Wo
         params, layers = a.params, a.layers
     step_time = a.step_time or step_time_from_flops(params, *flops)
     per_fragment = a.layers_per_fragment or PAPER_BLOCKS_PER_FRAGMENT
-    if per_fragment > layers:
+    if a.layers_per_fragment is not None and per_fragment > layers:  # the default fits any L
         p.error(f"--layers-per-fragment must be between 1 and the model's {layers} layers, "
                 f"got {per_fragment}")
     fragments = a.fragments or max(1, layers // per_fragment)
@@ -738,11 +775,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fl-diloco plan: error: {err}", file=sys.stderr)
         return 2
 
-    print(_describe(workload, methods, args.latency))
+    latency = args.latency
+    if args.sync_overhead:
+        if sync_hops(workload) == 0:
+            print("fl-diloco plan: error: --sync-overhead needs communication (M >= 2 on a "
+                  "ring, or --topology star)", file=sys.stderr)
+            return 2
+        latency += args.sync_overhead / sync_hops(workload)
+    print(_describe(workload, methods, latency))
+    if args.sync_overhead:
+        print(f"(latency = {args.latency:g} s link delay + {args.sync_overhead:g} s per-sync "
+              f"overhead / {sync_hops(workload)} hops)")
     print()
-    print(plan_table(workload, methods, targets, args.latency, args.bandwidth, args.steps))
+    print(plan_table(workload, methods, targets, latency, args.bandwidth, args.steps))
     if args.plot:
-        plot_cu_vs_bandwidth(workload, args.plot, methods, args.latency)
+        plot_cu_vs_bandwidth(workload, args.plot, methods, latency)
         print(f"\nplot: {args.plot}")
     return 0
 

@@ -20,6 +20,7 @@ from fl_diloco.planner import (
     parse_method,
     predict,
     step_time_from_flops,
+    sync_hops,
     traffic_per_sync,
     workload_from_preset,
 )
@@ -112,6 +113,63 @@ def test_bytes_per_sync_ring_and_star():
     assert p.syncs_per_period == 8
 
 
+def test_hops_per_sync_set_the_latency_a_sync_pays():
+    assert sync_hops(ONE_B.replace(workers=4)) == 6  # ring: 2(M-1) hops in sequence
+    assert sync_hops(ONE_B.replace(workers=1)) == 0
+    assert sync_hops(ONE_B.replace(workers=4, topology="star")) == 2  # up, then down
+    star = ONE_B.replace(workers=4, topology="star")
+    assert predict(star, "diloco", math.inf, 0.5).exposed_seconds_per_period == pytest.approx(1.0)
+
+
+# A Flower deployment as the rate-limited-links bench measures it: M = 2 SuperNodes, each
+# behind its own link of B, the SuperLink's own link unshaped, a fixed overhead per round.
+FLOWER_RUN = Workload(params=1_475_200, layers=2, non_block_params=1_048_704, step_time=0.15,
+                      workers=2, inner_steps=65, topology="star", server_bandwidth_gbps=math.inf)
+
+
+@pytest.mark.parametrize("mbit", [5.0, 24.0, 1000.0])
+@pytest.mark.parametrize("overhead", [0.0, 3.5, 12.0])
+def test_flower_round_overhead_as_latency_matches_the_closed_form(mbit, overhead):
+    """Per round a worker ships S bits up, then S down, then waits the overhead O:
+    diloco waits for all of it, eager (d = 1) for what does not fit in one phase of H·T."""
+    w, bandwidth = FLOWER_RUN, mbit / 1000
+    latency = overhead / sync_hops(w)
+    phase = w.inner_steps * w.step_time
+    sync = 2 * w.params * 32 / (bandwidth * 1e9) + overhead
+    diloco = predict(w, "diloco", bandwidth, latency)
+    eager = predict(w, "diloco-eager1", bandwidth, latency)
+    assert diloco.cu == pytest.approx(phase / (phase + sync), rel=1e-9)
+    assert eager.cu == pytest.approx(phase / max(phase, sync), rel=1e-9)
+    # and the inverse: the rate at which eager starts waiting is where the sync fills the phase
+    if overhead < phase:
+        needed = bandwidth_for_cu(w, "diloco-eager1", 1.0, latency)
+        assert needed == pytest.approx(2 * w.params * 32 / (phase - overhead) / 1e9, rel=1e-5)
+
+
+def test_cli_sync_overhead_is_latency_over_the_hops(capsys):
+    common = ["--model", "tiny-1m", "--step-time", "0.15", "--inner-steps", "65",
+              "--topology", "star", "--methods", "diloco,diloco-eager1", "--bandwidth", "0.024"]
+    assert main(common + ["--sync-overhead", "3.5"]) == 0
+    with_overhead = capsys.readouterr().out
+    assert main(common + ["--latency", "1.75"]) == 0
+    as_latency = capsys.readouterr().out
+    table = slice(with_overhead.index("| method"), None)
+    assert with_overhead[table] == as_latency[as_latency.index("| method"):]
+    assert "3.5 s per-sync overhead / 2 hops" in with_overhead
+    assert main(["--params", "1e9", "--layers", "24", "--step-time", "0.1", "--workers", "1",
+                 "--sync-overhead", "1"]) == 2
+
+
+def test_preset_vocabulary_override_changes_the_embedding_only():
+    paper = workload_from_preset("35m", step_time=0.1)
+    small_vocab = workload_from_preset("35m", step_time=0.1, vocab_size=4096)
+    assert small_vocab.layers == paper.layers
+    assert small_vocab.block_params == pytest.approx(paper.block_params)
+    assert paper.params - small_vocab.params == pytest.approx(
+        paper.non_block_params - small_vocab.non_block_params)
+    assert small_vocab.params < paper.params
+
+
 def test_wall_time_for_a_number_of_steps():
     p = predict(ONE_B, "diloco", 2.0, steps=1000)
     assert p.compute_seconds == pytest.approx(100.0)
@@ -168,6 +226,8 @@ def test_cli_prints_the_table_and_writes_the_png(tmp_path, capsys):
     (["--model", "1b", "--step-time", "0.1", "--fragments", "30"], "--fragments"),
     (["--model", "1b", "--tokens-per-step", "1e6"], "--mfu"),
     (["--params", "1e9", "--step-time", "0.1"], "--layers"),
+    (["--model", "tiny-1m", "--step-time", "0.1", "--layers-per-fragment", "3"],
+     "--layers-per-fragment"),
 ])
 def test_cli_errors_name_the_flag(argv, flag, capsys):
     assert main(argv) == 2

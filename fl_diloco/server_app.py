@@ -212,6 +212,8 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     if resumed:
         cfg = resume_config(cfg, resumed)
     out_dir = prepare_out_dir(cfg)
+    # The workers key their node-local state by the run's directory: give them the real one.
+    cfg = cfg.replace(out_dir=str(out_dir))
     log(INFO, "fl-diloco %s: writing to %s", cfg.algorithm, out_dir)
     # Building the corpus here first also fills the tokenizer/token cache the workers read.
     corpus = load_corpus(cfg.data_config())

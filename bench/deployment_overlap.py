@@ -1,20 +1,22 @@
 """Is the overlap real in deployment? `diloco` against `eager` on a real SuperLink + SuperNodes,
 measured, and predicted by the planner from the measured per-round overhead.
 
-Starts a local deployment (scripts/local_deployment.sh: one SuperLink, M SuperNodes, separate
-processes over loopback) and submits three runs with `flwr run`:
+Starts a local deployment (`scripts/local_deployment.sh up --insecure M`: one SuperLink, M
+SuperNodes, separate processes over loopback), submits the same run twice with `flwr run`,
+as `diloco` and as `eager` (d = 1), H chosen for a phase of about 10 s, and stops exactly what
+it started at the end.
 
-1. a short `diloco` calibration run (H = 5): a worker's idle seconds per round there are the
-   deployment's own overhead per round O (SuperNode polling, a fresh ClientApp process per
-   message, the ServerApp's polling; SPEC §5), since loopback moves the payload in milliseconds;
-2. `diloco` and 3. `eager` (d = 1) with the same H (default: a phase of about 10 s).
-
-For runs 2 and 3 it prints each worker's compute and idle seconds and compute utilization
-(CU = compute / (compute + idle)) from summary.json and metrics.jsonl, next to the planner's
-prediction (fl_diloco.planner.predict: Flower's star, unlimited bandwidth, the step time
-measured in that run, and O as latency, i.e. O / sync_hops = O / 2 per hop). `diloco` workers
-sit idle through O every round; `eager` workers keep computing as long as O is shorter than
-a phase. Stops exactly what it started at the end.
+Loopback moves the payload in milliseconds, so a `diloco` worker's idle seconds per round are
+the deployment's own overhead per round O: the SuperNode polls the SuperLink every 3 s, its
+SuperExec polls for work every 1 s, every message starts a fresh ClientApp process (importing
+Flower alone costs ~2.5 s of CPU), the ServerApp polls for replies (SPEC §5). For each run it
+prints each worker's compute and idle seconds and compute utilization (CU = compute /
+(compute + idle)) from summary.json and metrics.jsonl, next to the planner's prediction
+(fl_diloco.planner.predict: Flower's star, unlimited bandwidth, the step time measured in
+that run, and O as latency, i.e. O / sync_hops = O / 2 per hop). O comes from the `diloco`
+run itself, so for `diloco` the prediction only checks the planner's arithmetic
+(CU = H·T / (H·T + O)); for `eager` it is a prediction: the planner says eager hides O
+completely while O is shorter than a phase.
 
 Two CUs are shown. "run" is summary.json's, over every round. "steady" leaves out the first
 2 + d rounds (d = 0 for diloco, 1 for eager): round 1 never waits, the next 1 + d wait for
@@ -50,9 +52,8 @@ from fl_diloco.reporting import METRICS_NAME, SUMMARY_NAME, compute_utilization 
 
 SCRIPT = ROOT / "scripts" / "local_deployment.sh"
 CONNECTION = "fl-diloco-local-insecure"  # what `local_deployment.sh up --insecure` adds
-CALIBRATION_INNER_STEPS = 5
-CALIBRATION_ROUNDS = 3
 METHODS = {"diloco": "diloco", "eager": "diloco-eager1"}  # run algorithm -> planner method
+MIN_ROUNDS = 5  # eager's steady state starts at round 4 (see `measure`)
 
 
 def submit_run(connection: str, out_dir: Path, run_config: dict[str, Any], env: dict[str, str],
@@ -112,9 +113,9 @@ def run_staleness(summary: dict) -> int:
     return staleness(summary["algorithm"], summary["config"]["delay"])
 
 
-def round_overhead(calibration: dict[str, Any]) -> float:
-    """O: a `diloco` worker's mean idle seconds per round on an unshaped link."""
-    return calibration["idle_s_per_worker_round"]
+def round_overhead(unshaped_diloco: dict[str, Any]) -> float:
+    """O: a `diloco` worker's mean idle seconds per steady round on an unshaped link."""
+    return unshaped_diloco["idle_s_per_worker_round"]
 
 
 def flower_workload(summary: dict, step_time: float) -> Workload:
@@ -179,54 +180,56 @@ def base_run_config(args: argparse.Namespace) -> dict[str, Any]:
     return {"num_clients": args.num_clients, "rounds": args.rounds, "eval_every": args.rounds}
 
 
-def calibrate(connection: str, args: argparse.Namespace, out_root: Path, env: dict) -> dict:
-    """The short unshaped `diloco` run that measures the per-round overhead O."""
-    config = {**base_run_config(args), "algorithm": "diloco", "inner_steps": CALIBRATION_INNER_STEPS,
-              "rounds": CALIBRATION_ROUNDS, "eval_every": CALIBRATION_ROUNDS}
-    summary, rows = submit_run(connection, out_root / "calibration", config, env, args.timeout)
-    return measure(summary, rows, staleness=0)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-clients", type=int, default=2)
-    parser.add_argument("--inner-steps", type=int, default=65, help="H; pick it for a phase of ~10 s")
+    parser.add_argument("--inner-steps", type=int, default=65,
+                        help="H; pick it for a phase of ~10 s (65 at ~150 ms per step)")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "deployment-overlap")
     args = parser.parse_args(argv)
+    if args.rounds < MIN_ROUNDS:
+        parser.error(f"--rounds must be >= {MIN_ROUNDS}: eager's first 3 rounds are start-up, and "
+                     f"the steady state needs 2 more")
     out_root = args.out_dir.resolve()
     env = {**os.environ, "FL_DILOCO_DEPLOYMENT_DIR": str(out_root / "deployment")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
 
     subprocess.run([str(SCRIPT), "up", "--insecure", str(args.num_clients)], cwd=ROOT, env=env, check=True)
     try:
-        calibration = calibrate(CONNECTION, args, out_root, env)
-        runs = {a: submit_run(CONNECTION, out_root / a, {**base_run_config(args), "algorithm": a,
-                                                          "inner_steps": args.inner_steps}, env, args.timeout)
-                for a in METHODS}
+        runs = {}
+        for algorithm in METHODS:
+            before = os.getloadavg()[0]
+            summary, rows = submit_run(CONNECTION, out_root / algorithm,
+                                       {**base_run_config(args), "algorithm": algorithm,
+                                        "inner_steps": args.inner_steps}, env, args.timeout)
+            runs[algorithm] = (summary, measure(summary, rows, run_staleness(summary)),
+                               [round(before, 2), round(os.getloadavg()[0], 2)])
     finally:
         subprocess.run([str(SCRIPT), "down"], cwd=ROOT, env=env, check=False)
 
-    overhead = round_overhead(calibration)
+    overhead = round_overhead(runs["diloco"][1])
     figures = {}
-    for algorithm, (summary, rows) in runs.items():
-        measured = measure(summary, rows, run_staleness(summary))
-        figures[algorithm] = compare(measured, predict_run(algorithm, summary, measured, math.inf, 0.0, overhead))
+    for algorithm, (summary, measured, load) in runs.items():
+        prediction = predict_run(algorithm, summary, measured, math.inf, 0.0, overhead)
+        figures[algorithm] = {**compare(measured, prediction), "load_average": load}
 
     print(f"\nM={args.num_clients}, H={args.inner_steps}, {args.rounds} rounds, real SuperLink + "
           f"SuperNodes over loopback (no rate limit)")
-    print(f"per-round deployment overhead O = {overhead:.2f} s (idle per worker-round of a "
-          f"diloco calibration run, H={CALIBRATION_INNER_STEPS}); planner: star, unlimited "
-          f"bandwidth, latency O/2 per hop, step time measured in each run\n")
+    print(f"per-round deployment overhead O = {overhead:.2f} s (idle per worker-round of the diloco "
+          f"run, steady rounds); planner: star, unlimited bandwidth, latency O/2 per hop, step "
+          f"time measured in each run\n")
     print_table(figures)
     for algorithm, f in figures.items():
         print(f"{algorithm}: phase {f['phase_s']:.2f} s (step {f['step_time_s'] * 1000:.0f} ms), "
-              f"final eval loss {f['final_eval_loss']:.4f}")
+              f"final eval loss {f['final_eval_loss']:.4f}, 1-minute load average before/after "
+              f"{f['load_average']} (2 shared cores)")
+    print("diloco's prediction uses O from its own run (a check of the arithmetic); eager's is a "
+          "prediction from that O")
     print(json.dumps({"benchmark": "deployment_overlap", "link": "loopback, unshaped",
                       "num_clients": args.num_clients, "inner_steps": args.inner_steps,
-                      "rounds": args.rounds, "round_overhead_s": overhead,
-                      "calibration": calibration, "variants": figures}))
+                      "rounds": args.rounds, "round_overhead_s": overhead, "variants": figures}))
     return 0
 
 

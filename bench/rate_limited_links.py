@@ -47,9 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from deployment_overlap import (  # noqa: E402  (a sibling bench: its helpers, not a copy)
     METHODS,
+    MIN_ROUNDS,
     ROOT,
     base_run_config,
-    calibrate,
     compare,
     flower_workload,
     measure,
@@ -89,6 +89,14 @@ def rate_for_fraction(params: float, precision: str, phase_s: float, fraction: f
     return 2 * params * bits_per_value(precision) / transfer_s / 1e6
 
 
+def measure_step_time(args: argparse.Namespace, out_root: Path, env: dict) -> float:
+    """Seconds per inner step, from a short `diloco` run (H = 5, 3 rounds) on the links."""
+    config = {**base_run_config(args), "algorithm": "diloco", "inner_steps": 5, "rounds": 3,
+              "eval_every": 3}
+    summary, rows = submit_run(CONNECTION, out_root / "step-time", config, env, args.timeout)
+    return measure(summary, rows, staleness=0)["step_time_s"]
+
+
 def run_measured(algorithm: str, name: str, inner_steps: int, args: argparse.Namespace,
                  out_root: Path, env: dict) -> dict:
     """One run on the links as they are now: its summary, what it measured, the load around it."""
@@ -113,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "rate-limited-links")
     args = parser.parse_args(argv)
+    if args.rounds < MIN_ROUNDS:
+        parser.error(f"--rounds must be >= {MIN_ROUNDS}: eager's first 3 rounds are start-up, and "
+                     f"the steady state needs 2 more")
     out_root = args.out_dir.resolve()
     env = {**os.environ, "FL_DILOCO_LINKS_DIR": str(out_root / "links")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
@@ -133,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         # 1. the step time, for H
         h = args.inner_steps
         if h is None:
-            calibration = calibrate(CONNECTION, args, out_root, env)
-            h = max(1, round(args.phase / calibration["step_time_s"]))
-            print(f"\ncalibration: step {calibration['step_time_s'] * 1000:.0f} ms -> H = {h}", flush=True)
+            step_time = measure_step_time(args, out_root, env)
+            h = max(1, round(args.phase / step_time))
+            print(f"\nstep time {step_time * 1000:.0f} ms -> H = {h}", flush=True)
         # 2. the deployment's own overhead per round O, unshaped, same H
         unshaped = run_measured("diloco", "unshaped-diloco", h, args, out_root, env)
         overhead = round_overhead(unshaped["measured"])

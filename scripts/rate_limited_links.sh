@@ -323,7 +323,7 @@ down() {
     while read -r kind a b; do
         [[ "$kind" == pid ]] || continue
         # Only a process still running the program we started: never a recycled pid.
-        if ! tr '\0' ' ' <"/proc/$b/cmdline" 2>/dev/null | grep -q "flower-super"; then
+        if ! tr '\0' ' ' 2>/dev/null <"/proc/$b/cmdline" | grep -q "flower-super"; then
             echo "$a (pid $b) had already exited"; continue
         fi
         local tree

@@ -197,6 +197,19 @@ def print_table(figures: dict[str, dict]) -> None:
               f"{f['predicted_wall_s']:.1f} |")
 
 
+def check_rounds(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.rounds < MIN_ROUNDS:
+        parser.error(f"--rounds must be >= {MIN_ROUNDS}: eager's first 3 rounds are start-up, and "
+                     f"the steady state needs 2 more")
+
+
+def deployment_env(state_variable: str, state_dir: Path) -> dict[str, str]:
+    """The environment for a deployment script and `flwr`: its state dir, this Python's tools."""
+    env = {**os.environ, state_variable: str(state_dir)}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    return env
+
+
 def base_run_config(args: argparse.Namespace) -> dict[str, Any]:
     return {"num_clients": args.num_clients, "rounds": args.rounds, "eval_every": args.rounds}
 
@@ -210,12 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "deployment-overlap")
     args = parser.parse_args(argv)
-    if args.rounds < MIN_ROUNDS:
-        parser.error(f"--rounds must be >= {MIN_ROUNDS}: eager's first 3 rounds are start-up, and "
-                     f"the steady state needs 2 more")
+    check_rounds(parser, args)
     out_root = args.out_dir.resolve()
-    env = {**os.environ, "FL_DILOCO_DEPLOYMENT_DIR": str(out_root / "deployment")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env = deployment_env("FL_DILOCO_DEPLOYMENT_DIR", out_root / "deployment")
 
     subprocess.run([str(SCRIPT), "up", "--insecure", str(args.num_clients)], cwd=ROOT, env=env, check=True)
     try:

@@ -49,10 +49,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from deployment_overlap import (  # noqa: E402  (a sibling bench: its helpers, not a copy)
     METHODS,
-    MIN_ROUNDS,
     ROOT,
     base_run_config,
+    check_rounds,
     compare,
+    deployment_env,
     flower_workload,
     measure,
     overlap_gain,
@@ -125,12 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "rate-limited-links")
     args = parser.parse_args(argv)
-    if args.rounds < MIN_ROUNDS:
-        parser.error(f"--rounds must be >= {MIN_ROUNDS}: eager's first 3 rounds are start-up, and "
-                     f"the steady state needs 2 more")
+    check_rounds(parser, args)
     out_root = args.out_dir.resolve()
-    env = {**os.environ, "FL_DILOCO_LINKS_DIR": str(out_root / "links")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env = deployment_env("FL_DILOCO_LINKS_DIR", out_root / "links")
 
     check = subprocess.run([str(SCRIPT), "check"], cwd=ROOT, env=env, capture_output=True, text=True)
     delay_unsupported = args.delay_ms > 0 and "netem (delay) does not" in check.stdout

@@ -1,9 +1,13 @@
-"""Shared fixtures: a small, fast run config and a per-session corpus cache."""
+"""Shared fixtures: a small, fast run config, a per-session corpus cache, task ids, bench loading."""
 
+import importlib.util
 import os
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
+from flwr.supercore.task_identity import TaskIdentity
 
 from fl_diloco.config import RunConfig
 
@@ -29,3 +33,18 @@ def small_config(tmp_path, **overrides) -> RunConfig:
                   inner_lr=3e-3, threads_per_worker=1, out_dir=str(tmp_path / "run"))
     values.update(overrides)
     return RunConfig.from_mapping(values)
+
+
+@pytest.fixture
+def task_identity():
+    # Messages are stamped with the running task's ids; give the test process some.
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def load_bench(name: str) -> ModuleType:
+    """A benchmark script under bench/ as a module (bench/ is not a package)."""
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

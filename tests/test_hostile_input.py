@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from strategies.codecs import encode_tensors
 from strategies.diloco import METRICS_KEY, OUTER_GRADIENT_KEY, DiLoCo
@@ -19,9 +18,7 @@ from strategies.wire import to_array_record
 NODES = [10, 11, 12, 13, 14]
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _params():

@@ -5,7 +5,6 @@ Python's allocator, so tracemalloc does not see them) of one `aggregate_train` i
 process, through bench/server_memory.py.
 """
 
-import importlib.util
 import json
 import math
 import sys
@@ -15,7 +14,7 @@ import pytest
 
 from fl_diloco.reporting import METRICS_NAME
 from fl_diloco.simulation import simulate
-from tests.conftest import small_config
+from tests.conftest import load_bench, small_config
 
 
 def test_a_simulation_of_16_clients_completes(tmp_path):
@@ -34,14 +33,6 @@ def test_a_simulation_of_16_clients_completes(tmp_path):
     assert len(summary["workers"]) == 16
 
 
-def _load_bench():
-    path = Path(__file__).resolve().parent.parent / "bench" / "server_memory.py"
-    spec = importlib.util.spec_from_file_location("server_memory", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads peak RSS from /proc/self")
 def test_aggregation_memory_does_not_grow_with_the_number_of_clients(tmp_path):
     """32 replies cost the strategy no more memory than 4: they are averaged as they arrive.
@@ -51,7 +42,7 @@ def test_aggregation_memory_does_not_grow_with_the_number_of_clients(tmp_path):
     wire copy, the reply being read, the first replies the outlier check holds); keeping every
     reply would add at least one copy per client, 28 more for M = 32 than for M = 4.
     """
-    bench = _load_bench()
+    bench = load_bench("server_memory")
     args = bench.parse_args(["--model", "tiny"])
     copies = {}
     for clients in (4, 32):

@@ -3,10 +3,8 @@ check that it still matches the eager paper's 1B cells it matches today."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
-from pathlib import Path
 
 import pytest
 
@@ -24,6 +22,7 @@ from fl_diloco.planner import (
     traffic_per_sync,
     workload_from_preset,
 )
+from tests.conftest import load_bench
 
 ONE_B = Workload(params=1e9, layers=24, step_time=0.1, workers=2, inner_steps=100, fragments=8)
 DILOCO_FAMILY = [m for m in METHODS if m != "dp"]
@@ -234,14 +233,6 @@ def test_cli_errors_name_the_flag(argv, flag, capsys):
     assert flag in capsys.readouterr().err
 
 
-def _load_bench():
-    path = Path(__file__).resolve().parent.parent / "bench" / "planner_vs_paper.py"
-    spec = importlib.util.spec_from_file_location("planner_vs_paper", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_paper_1b_cells_stay_matched():
     """Regression: what the bench achieves today (15/30 within 25 %, max error 100 %).
 
@@ -249,7 +240,7 @@ def test_paper_1b_cells_stay_matched():
     eager H = 100 do not (see the bench's miss reasons). A model change that loses a matched
     cell, or drifts the rest further, fails here.
     """
-    result = _load_bench().evaluate()
+    result = load_bench("planner_vs_paper").evaluate()
     assert result["cells_total"] == 30
     for cell in result["cells"]:
         if cell["row"] in ("dp", "streaming", "inner1-h100"):

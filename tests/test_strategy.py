@@ -7,17 +7,12 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from strategies.diloco import METRICS_KEY, OUTER_GRADIENT_KEY, DiLoCo
 from strategies.outer_optimizer import nesterov_outer_step, zeros_like
 from strategies.wire import to_array_record
 
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    # Messages are stamped with the running task's ids; give the test process some.
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _params():

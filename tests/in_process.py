@@ -18,14 +18,19 @@ from strategies.diloco import PARAMS_KEY, DiLoCo
 from strategies.wire import from_array_record
 
 
-def run_in_process(cfg: RunConfig, rounds: int | None = None) -> tuple[DiLoCo, list[Worker]]:
-    """Run `rounds` Flower rounds (default: the whole run) of `cfg` with M in-process workers."""
+def run_in_process(cfg: RunConfig, rounds: int | None = None,
+                   worker_cfg: RunConfig | None = None) -> tuple[DiLoCo, list[Worker]]:
+    """Run `rounds` Flower rounds (default: the whole run) of `cfg` with M in-process workers.
+
+    `worker_cfg`, when given, is the config the workers receive instead of `cfg`: the planted-bug
+    tests use it to give workers a wrong τ or α while the server and the reference keep the right one.
+    """
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     initial = build_trainer(cfg, 0, cfg.num_clients, "cpu").parameters_fp32()
     node_ids = list(range(100, 100 + cfg.num_clients))
     strategy = DiLoCo.from_config(cfg, initial, node_ids)
     workers = [Worker() for _ in node_ids]
-    common = {"run_config": cfg.to_dict(), "num_partitions": cfg.num_clients, "device": "cpu"}
+    common = {"run_config": (worker_cfg or cfg).to_dict(), "num_partitions": cfg.num_clients, "device": "cpu"}
     theta0 = from_array_record(strategy.worker_state()[PARAMS_KEY])
     for partition, worker in enumerate(workers):
         answer = worker.handle({"kind": "prepare", "partition_id": partition, "params": theta0, **common})

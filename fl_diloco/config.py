@@ -23,6 +23,10 @@ WEIGHTINGS = ("uniform", "tokens")
 # The algorithms that apply an average `delay` outer steps late instead of waiting for it.
 LATE_ALGORITHMS = ("delayed", "eager")
 DEVICES = ("auto", "cpu", "cuda")
+# What one document of a .txt source is (fl_diloco.data.DataConfig.document_unit), and what
+# to do with bytes that are not UTF-8 (Python's `errors=` names).
+DOCUMENT_UNITS = ("file", "paragraph")
+ENCODING_ERRORS = ("strict", "replace")
 
 
 class ConfigError(ValueError):
@@ -47,6 +51,10 @@ class RunConfig:
     batch_size: int = 8
     val_fraction: float = 0.05
     max_documents: int = 0  # 0 = use every document
+    # A .txt file is one document (the unit of the train/validation split) unless "paragraph".
+    document_unit: str = "file"
+    # Non-UTF-8 bytes in .txt files: "strict" stops naming file and byte, "replace" reads U+FFFD.
+    encoding_errors: str = "strict"
 
     # Inner optimizer: AdamW with linear warmup, then cosine decay over the run's inner steps.
     inner_lr: float = 3e-3
@@ -141,6 +149,8 @@ class RunConfig:
         _choice("fragment_pattern", self.fragment_pattern, FRAGMENT_PATTERNS)
         _choice("wire_precision", self.wire_precision, WIRE_PRECISIONS)
         _choice("device", self.device.split(":")[0], DEVICES)
+        _choice("document_unit", self.document_unit, DOCUMENT_UNITS)
+        _choice("encoding_errors", self.encoding_errors, ENCODING_ERRORS)
         from fl_diloco.model import PRESETS  # local import: keeps config importable alone
 
         if self.model not in PRESETS and self.model not in MODEL_ALIASES:
@@ -272,6 +282,8 @@ class RunConfig:
             val_fraction=self.val_fraction,
             seed=self.seed,
             max_documents=self.max_documents or None,
+            document_unit=self.document_unit,
+            encoding_errors=self.encoding_errors,
         )
 
 

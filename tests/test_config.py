@@ -51,6 +51,8 @@ def test_hydra_config_repeats_the_dataclass_defaults():
     ({"streaming": "maybe"}, "streaming must be true or false"),
     ({"wire_precision": "int8"}, "wire_precision='int8' is not allowed"),
     ({"fragment_pattern": "random", "streaming": True}, "fragment_pattern='random'"),
+    ({"document_unit": "sentence"}, "document_unit='sentence' is not allowed"),
+    ({"encoding_errors": "ignore"}, "encoding_errors='ignore' is not allowed"),
 ])
 def test_bad_values_name_the_key(values, needle):
     with pytest.raises(ConfigError, match=None) as err:

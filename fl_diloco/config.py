@@ -62,7 +62,8 @@ class RunConfig:
     outer_momentum: float = 0.9
     weighting: str = "uniform"
 
-    # Overlap variants (SPEC §2). `delay` is how many outer steps old the average is when
+    # Overlap variants (docs/algorithms.md#eager-updates). `delay` is how many outer steps old
+    # the average is when
     # `delayed` or `eager` applies it; `diloco` always waits for the fresh one.
     delay: int = 1
     # Streaming DiLoCo: P fragments, one synced every H/P inner steps (one Flower round each);
@@ -88,7 +89,7 @@ class RunConfig:
     resume: str = ""
     tensorboard: bool = False  # also write metrics as TensorBoard events under out_dir/tensorboard
 
-    # Hostile or broken replies (SPEC §5): an outer gradient whose norm exceeds
+    # Hostile or broken replies: an outer gradient whose norm exceeds
     # `outlier_norm_ratio` × the round's median is rejected (0 = no check); a reply larger
     # than `max_reply_bytes` is rejected (0 = twice what the fragment's outer gradient needs).
     outlier_norm_ratio: float = 10.0

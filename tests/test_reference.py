@@ -1,4 +1,4 @@
-"""The implementation against an independent reference written straight from SPEC §2
+"""The implementation against an independent reference written straight from docs/algorithms.md
 (tests/reference.py): same seeds, same data, parameters equal to 1e-5 after 4 outer steps.
 
 Each variant is checked twice: through the strategy and workers driven in process (fast,

@@ -83,3 +83,26 @@ def test_plan_help_points_to_the_model(capsys):
     assert plan_main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "docs/algorithms.md#compute-utilization" in out and "fl_diloco/planner.py" in out
+
+
+def test_every_config_key_has_help():
+    from fl_diloco.config import RunConfig, key_help
+
+    described = key_help()
+    assert list(described) == RunConfig.keys(), "key_help() must list RunConfig's keys in field order"
+    for key, (meaning, allowed) in described.items():
+        assert meaning.strip() and allowed.strip(), f"{key}: empty help"
+
+
+def test_train_help_lists_every_key_with_its_default(capsys):
+    from fl_diloco.cli import main
+    from fl_diloco.config import DEFAULTS, key_help
+
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "Hydra" not in out  # our page, not Hydra's stock one
+    for key, (meaning, allowed) in key_help().items():
+        default = DEFAULTS[key]
+        shown = str(default).lower() if isinstance(default, bool) else (default if default != "" else '""')
+        assert f"  {key}={shown} " in out and f"allowed: {allowed}" in out, key
+        assert " ".join(meaning.split()[:4]) in " ".join(out.split()), key

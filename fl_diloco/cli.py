@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
+import socket
 import sys
 import textwrap
 import time
@@ -186,7 +188,10 @@ def write_sweep_index(sweep_dir: Path, command: list[str], jobs: list[dict[str, 
     def relative(path: str) -> str:
         return str(Path(path).relative_to(sweep_dir)) if Path(path).is_relative_to(sweep_dir) else path
 
+    # pid and host let `fl-diloco report` tell a job that is still running from one whose
+    # sweep was killed (SIGKILL leaves it `running` here).
     index = {"command": " ".join(["fl-diloco", "train", *command]), "sweep_dir": str(sweep_dir),
+             "pid": os.getpid(), "host": socket.gethostname(),
              "jobs": [{**job, "job_dir": relative(job["job_dir"]), "out_dir": relative(job["out_dir"])}
                       for job in jobs]}
     path = sweep_dir / SWEEP_INDEX_NAME

@@ -1,9 +1,8 @@
 """The private channel between a node's ClientApp adapter and its persistent worker process.
 
 In deployment every Flower message runs in a fresh ClientApp process
-(docs/algorithms.md#flower-constraints), so the
-model, its optimizer state and its data stream live in a long-lived worker process instead,
-one per (run, node). The adapter finds that process through a Unix socket and talks to it
+(docs/algorithms.md#flower-constraints), so the model, its optimizer state and its data
+stream live in a long-lived worker process instead, one per (run, node). The adapter finds that process through a Unix socket and talks to it
 with `multiprocessing.connection`, which authenticates both ends with an HMAC challenge
 before any pickle is read. Two locks keep other local users out:
 

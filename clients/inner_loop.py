@@ -1,9 +1,8 @@
 """A worker's inner loop: H AdamW steps on its own shard, state kept across outer steps.
 
 `InnerTrainer` owns everything that must stay resident between rounds
-(docs/algorithms.md#flower-constraints): the model,
-the AdamW state, the position in the learning-rate schedule and the data stream. It knows
-nothing about Flower or sockets, so the same object runs inside the persistent worker
+(docs/algorithms.md#flower-constraints): the model, the AdamW state, the position in the
+learning-rate schedule and the data stream. It knows nothing about Flower or sockets, so the same object runs inside the persistent worker
 process, in the data-parallel baseline and in the single-process reference tests.
 """
 

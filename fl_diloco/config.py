@@ -62,9 +62,8 @@ class RunConfig:
     outer_momentum: float = 0.9
     weighting: str = "uniform"
 
-    # Overlap variants (docs/algorithms.md#eager-updates). `delay` is how many outer steps old
-    # the average is when
-    # `delayed` or `eager` applies it; `diloco` always waits for the fresh one.
+    # Overlap variants (docs/algorithms.md#eager-updates): `delay` is how many outer steps old
+    # the average is when `delayed` or `eager` applies it; `diloco` always waits for the fresh one.
     delay: int = 1
     # Streaming DiLoCo: P fragments, one synced every H/P inner steps (one Flower round each);
     # the average is applied `overlap_steps` (τ) inner steps after the sync, then merged into

@@ -48,9 +48,9 @@ ring, 2 through the star (up, then down).
 Fixed costs per sync. Whatever a sync costs regardless of bandwidth enters as latency. In a
 Flower deployment that is mostly the framework itself: the SuperNode polls for messages, a
 fresh ClientApp process starts for every message, the ServerApp polls for replies
-(docs/algorithms.md#flower-constraints;
-about 3 to 4 s per round on an idle machine). Measure it once per round (e.g. a `diloco`
-worker's idle seconds per round on an unshaped link) and pass
+(docs/algorithms.md#flower-constraints; about 3 to 4 s per round on an idle machine).
+Measure it once per round (e.g. a `diloco` worker's idle seconds per round on an unshaped
+link) and pass
 
     latency_s = one-way link delay + per-round overhead / sync_hops(workload)
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fl_diloco.atomic import atomic_write
 from fl_diloco.config import DEFAULTS, RunConfig
 from fl_diloco.reporting import METRICS_NAME, SUMMARY_NAME, format_bytes
 
@@ -168,11 +169,11 @@ def _process_gone(index: dict[str, Any]) -> bool:
     if not isinstance(pid, int) or index.get("host") != socket.gethostname():
         return False
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return True
     except OSError:  # e.g. PermissionError: the pid belongs to a live process of someone else
-        return False
+        pass
     return False
 
 
@@ -191,7 +192,7 @@ def _mark_interrupted(sweep_dir: Path, index: dict[str, Any], jobs: list[Job]) -
             job.error = job.error or "the sweep was stopped while this job ran; run it again"
     if changed:
         try:  # best effort: the report is still right if the sweep directory is read-only
-            (sweep_dir / SWEEP_INDEX_NAME).write_text(json.dumps(index, indent=2))
+            atomic_write(sweep_dir / SWEEP_INDEX_NAME, lambda f: f.write(json.dumps(index, indent=2).encode()))
         except OSError:
             pass
 

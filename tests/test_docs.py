@@ -23,11 +23,7 @@ def repository_files() -> list[Path]:
         paths = [ROOT / name for name in listed.stdout.decode().split("\0") if name]
     else:
         paths = [p for p in ROOT.rglob("*") if not SKIPPED_DIRS & set(p.relative_to(ROOT).parts)]
-    texts = []
-    for path in paths:
-        if path.is_file() and path.suffix not in (".png", ".jpg", ".safetensors", ".pt"):
-            texts.append(path)
-    return texts
+    return [p for p in paths if p.is_file() and p.suffix not in (".png", ".jpg", ".safetensors", ".pt")]
 
 
 def github_anchor(heading: str) -> str:

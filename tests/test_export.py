@@ -104,7 +104,7 @@ def test_transformers_model_computes_the_same_logits(exported, transformers):
 
 def test_tokenizer_files_pad_with_eos_and_set_no_length_limit(run, exported):
     _, corpus = run
-    model, out_dir = exported
+    _, out_dir = exported
     tokenizer_config = json.loads((out_dir / "tokenizer_config.json").read_text())
     special = json.loads((out_dir / "special_tokens_map.json").read_text())
     assert tokenizer_config["pad_token"] == special["pad_token"] == EOS_TOKEN

@@ -9,9 +9,10 @@ it started at the end.
 Loopback moves the payload in milliseconds, so a `diloco` worker's idle seconds per round are
 the deployment's own overhead per round O: the SuperNode polls the SuperLink every 3 s, its
 SuperExec polls for work every 1 s, every message starts a fresh ClientApp process (importing
-Flower alone costs ~2.5 s of CPU), the ServerApp polls for replies (SPEC §5). For each run it
-prints each worker's compute and idle seconds and compute utilization (CU = compute /
-(compute + idle)) from summary.json and metrics.jsonl, next to the planner's prediction
+Flower alone costs ~2.5 s of CPU), the ServerApp polls for replies
+(docs/algorithms.md#flower-constraints). For each run it prints each worker's compute and
+idle seconds and compute utilization (CU = compute / (compute + idle)) from summary.json and
+metrics.jsonl, next to the planner's prediction
 (fl_diloco.planner.predict: Flower's star, unlimited bandwidth, the step time measured in
 that run, and O as latency, i.e. O / sync_hops = O / 2 per hop). O comes from the `diloco`
 run itself, so for `diloco` the prediction only checks the planner's arithmetic

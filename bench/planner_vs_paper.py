@@ -1,4 +1,6 @@
-"""The planner (fl_diloco/planner.py) against the eager-updates paper's 1B table (SPEC §4).
+"""The planner (fl_diloco/planner.py) against the eager-updates paper's 1B table.
+
+The table is in docs/algorithms.md#compute-utilization.
 
 The paper reports, for a 1B model (24 layers, 0.1 s per step, fragments of 3 layers), the
 bandwidth in Gbit/s each method needs to reach 50/80/90/95/99 % compute utilization. Those
@@ -30,7 +32,7 @@ from fl_diloco.planner import CU_TARGETS, Workload, bandwidth_for_cu, bits_per_v
 
 TOLERANCE = 0.25
 
-# SPEC §4: Gbit/s needed for CU 50 / 80 / 90 / 95 / 99 %, 1B model (reference values).
+# The paper's Gbit/s needed for CU 50 / 80 / 90 / 95 / 99 %, 1B model (reference values).
 # name -> (label, planner method, H, precision, paper figures); "full" = the paper's
 # unquantized wire format, which we infer to be bf16 (see evaluate's full_precision).
 PAPER_1B = {

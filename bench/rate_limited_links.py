@@ -11,7 +11,8 @@ rate-limited link, not a wide-area network (no loss, no jitter, no real distance
    room for the transfer at 0.75 of a phase);
 2. runs `diloco` with that H on the unshaped links: a worker's idle seconds per round there
    are the deployment's own overhead per round O (SuperNode and SuperExec polling, a fresh
-   ClientApp process per message; SPEC §5), measured at the same H and load as what follows;
+   ClientApp process per message; docs/algorithms.md#flower-constraints), measured at the
+   same H and load as what follows;
 3. shapes every link to RATE each way (default: the rate at which one sync, the outer
    gradient up plus the average down at the run's wire precision over RATE, plus O, takes
    --link-fraction = 0.75 of a phase; the goal range is 0.5 to 0.9);

@@ -1,8 +1,8 @@
 """The private channel between a node's ClientApp adapter and its persistent worker process.
 
-In deployment every Flower message runs in a fresh ClientApp process (SPEC §5), so the
-model, its optimizer state and its data stream live in a long-lived worker process instead,
-one per (run, node). The adapter finds that process through a Unix socket and talks to it
+In deployment every Flower message runs in a fresh ClientApp process
+(docs/algorithms.md#flower-constraints), so the model, its optimizer state and its data
+stream live in a long-lived worker process instead, one per (run, node). The adapter finds that process through a Unix socket and talks to it
 with `multiprocessing.connection`, which authenticates both ends with an HMAC challenge
 before any pickle is read. Two locks keep other local users out:
 
@@ -161,7 +161,7 @@ class WorkerHandle:
         return reply
 
 
-# Ray hides GPUs from ClientApps that reserve none (SPEC §5). The adapter needs no GPU, but the
+# Ray hides GPUs from ClientApps that reserve none. The adapter needs no GPU, but the
 # worker does: `fl-diloco train` records the real visibility before Ray starts, and the worker
 # gets it back here.
 VISIBLE_GPUS_ENV = "FL_DILOCO_VISIBLE_GPUS"

@@ -1,8 +1,8 @@
 """A worker's inner loop: H AdamW steps on its own shard, state kept across outer steps.
 
-`InnerTrainer` owns everything that must stay resident between rounds (SPEC §5): the model,
-the AdamW state, the position in the learning-rate schedule and the data stream. It knows
-nothing about Flower or sockets, so the same object runs inside the persistent worker
+`InnerTrainer` owns everything that must stay resident between rounds
+(docs/algorithms.md#flower-constraints): the model, the AdamW state, the position in the
+learning-rate schedule and the data stream. It knows nothing about Flower or sockets, so the same object runs inside the persistent worker
 process, in the data-parallel baseline and in the single-process reference tests.
 """
 
@@ -39,7 +39,7 @@ def inner_lr_at(step: int, cfg: RunConfig) -> float:
 
 
 def make_inner_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
-    """AdamW with SPEC §1 settings; norms and other 1-D weights get no weight decay."""
+    """AdamW (docs/algorithms.md#inner-optimizer); norms and 1-D weights get no weight decay."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW(

@@ -1,6 +1,7 @@
 """A node's persistent worker: trains without pause, and exchanges outer gradients on the side.
 
-The worker holds the model, the AdamW state and the data position for the whole run (SPEC §5).
+The worker holds the model, the AdamW state and the data position for the whole run
+(docs/algorithms.md#flower-constraints).
 Its inner loop runs in a thread of its own, walking the run's schedule of inner steps:
 
   at the sync step of round r (r·H/P)     send Δ_{m,p}(r) for fragment p(r) and go straight on
@@ -334,7 +335,7 @@ class Worker:
 
     def _wait_for_average(self, server_round: int, fragment: Fragment,
                           meter: _RoundMeter, generation: int) -> tuple[Tensors, bool, int]:
-        """Round r's average (zero for r ≤ 0, SPEC's Δ(0) = 0), whether we were counted in it
+        """Round r's average (zero for r ≤ 0: Δ(0) = 0), whether we were counted in it
         and its participant count; the wait counts as idle."""
         if server_round <= 0:
             return zeros_like(fragment.outer.params), False, 0

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
+import socket
 import sys
+import textwrap
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
 from fl_diloco.atomic import atomic_write
-from fl_diloco.config import ConfigError, RunConfig
+from fl_diloco.config import DEFAULTS, ConfigError, RunConfig, key_help
 from fl_diloco.report import FAILED_NAME, SWEEP_INDEX_NAME
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -46,6 +49,7 @@ USAGE = """usage: fl-diloco train [-m] [GROUP=OPTION ...] [KEY=VALUE ...]
   Groups (GROUP=OPTION sets several keys at once; a KEY=VALUE given too wins):
 {groups}
   Keys: {keys}
+  `fl-diloco train --help` says what each key means, its default and its allowed values.
 """
 
 
@@ -58,6 +62,21 @@ def config_groups() -> dict[str, list[str]]:
 def usage() -> str:
     groups = "\n".join(f"    {name}: {', '.join(options)}" for name, options in config_groups().items())
     return USAGE.format(groups=groups, keys=", ".join(RunConfig.keys()))
+
+
+def train_help() -> str:
+    """`fl-diloco train --help`: the usage, then every RunConfig key with its default, allowed
+    values and meaning (fl_diloco/config.py: RunConfig and key_help)."""
+    described = key_help()
+    lines = [usage(), "Every key, as KEY=DEFAULT, with the values it allows and what it means:", ""]
+    for key in RunConfig.keys():
+        meaning, allowed = described[key]
+        default = DEFAULTS[key]
+        shown = str(default).lower() if isinstance(default, bool) else (default if default != "" else '""')
+        lines.append(f"  {f'{key}={shown}':<34} allowed: {allowed}")
+        lines.extend(textwrap.wrap(meaning, width=96, initial_indent="      ", subsequent_indent="      "))
+    lines += ["", "The algorithms and their formulas: docs/algorithms.md."]
+    return "\n".join(lines)
 
 
 def check_overrides(overrides: list[str]) -> None:
@@ -79,7 +98,7 @@ def check_overrides(overrides: list[str]) -> None:
         elif key not in keys:
             close = difflib.get_close_matches(key, [*keys, *groups], n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown config key '{key}'.{hint} Run `fl-diloco --help` for the list.")
+            raise ConfigError(f"unknown config key '{key}'.{hint} Run `fl-diloco train --help` for the list.")
 
 
 def _plain_values(override: str) -> list[str]:
@@ -169,7 +188,10 @@ def write_sweep_index(sweep_dir: Path, command: list[str], jobs: list[dict[str, 
     def relative(path: str) -> str:
         return str(Path(path).relative_to(sweep_dir)) if Path(path).is_relative_to(sweep_dir) else path
 
+    # pid and host let `fl-diloco report` tell a job that is still running from one whose
+    # sweep was killed (SIGKILL leaves it `running` here).
     index = {"command": " ".join(["fl-diloco", "train", *command]), "sweep_dir": str(sweep_dir),
+             "pid": os.getpid(), "host": socket.gethostname(),
              "jobs": [{**job, "job_dir": relative(job["job_dir"]), "out_dir": relative(job["out_dir"])}
                       for job in jobs]}
     path = sweep_dir / SWEEP_INDEX_NAME
@@ -257,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     if command != "train":
         print(f"unknown command '{command}'\n\n" + usage(), file=sys.stderr)
         return 2
+    if any(item in ("-h", "--help") for item in rest):  # ours, not Hydra's stock page
+        print(train_help())
+        return 0
     try:
         check_overrides(rest)
     except ConfigError as err:

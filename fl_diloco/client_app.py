@@ -1,9 +1,9 @@
 """The ClientApp: a thin adapter between Flower messages and the node's persistent worker.
 
 In deployment Flower starts a fresh ClientApp process for every message and ends it after
-the reply (SPEC §5), so nothing that must survive a round can live here. This adapter finds
-(or starts) the node's worker process, hands it the round's message, and turns its answer
-into the reply. Simulation and deployment take exactly this path.
+the reply (docs/algorithms.md#flower-constraints), so nothing that must survive a round can
+live here. This adapter finds (or starts) the node's worker process, hands it the round's
+message, and turns its answer into the reply. Simulation and deployment take exactly this path.
 """
 
 from __future__ import annotations

@@ -70,8 +70,8 @@ class RunConfig:
     outer_momentum: float = 0.9
     weighting: str = "uniform"
 
-    # Overlap variants (SPEC §2). `delay` is how many outer steps old the average is when
-    # `delayed` or `eager` applies it; `diloco` always waits for the fresh one.
+    # Overlap variants (docs/algorithms.md#eager-updates): `delay` is how many outer steps old
+    # the average is when `delayed` or `eager` applies it; `diloco` always waits for the fresh one.
     delay: int = 1
     # Streaming DiLoCo: P fragments, one synced every H/P inner steps (one Flower round each);
     # the average is applied `overlap_steps` (τ) inner steps after the sync, then merged into
@@ -96,7 +96,7 @@ class RunConfig:
     resume: str = ""
     tensorboard: bool = False  # also write metrics as TensorBoard events under out_dir/tensorboard
 
-    # Hostile or broken replies (SPEC §5): an outer gradient whose norm exceeds
+    # Hostile or broken replies: an outer gradient whose norm exceeds
     # `outlier_norm_ratio` × the round's median is rejected (0 = no check); a reply larger
     # than `max_reply_bytes` is rejected (0 = twice what the fragment's outer gradient needs).
     outlier_norm_ratio: float = 10.0
@@ -285,6 +285,95 @@ class RunConfig:
             document_unit=self.document_unit,
             encoding_errors=self.encoding_errors,
         )
+
+
+def key_help() -> dict[str, tuple[str, str]]:
+    """What each RunConfig key means and which values it takes: {key: (meaning, allowed)}.
+
+    `fl-diloco train --help` prints it with the defaults; tests/test_docs.py fails when a
+    key has no entry here. A new key adds its line in field order.
+    """
+    from fl_diloco.model import PRESETS  # local import: keeps config importable without torch
+
+    def one_of(values: tuple[str, ...] | list[str]) -> str:
+        return " | ".join(values)
+
+    return {
+        "algorithm": ("the method: dp = data-parallel baseline (same token budget), diloco, "
+                      "delayed = naive delayed outer gradients, eager = eager updates",
+                      one_of(ALGORITHMS)),
+        "model": ("model shape: tiny (= tiny-1m), small (= tiny-10m), or the papers' shapes",
+                  one_of([*MODEL_ALIASES, *PRESETS])),
+        "num_clients": ("M, the workers (Flower clients, one per SuperNode)", ">= 1"),
+        "inner_steps": ("H, inner AdamW steps per outer step", ">= 1; a multiple of fragments"),
+        "rounds": ("T, outer steps (each is `fragments` Flower rounds when streaming): the token "
+                   "budget does not depend on the variant", ">= 1"),
+        "seed": ("seeds the data split, tokenizer, initialisation and batch order", "an integer"),
+        "data_source": ("the corpus: shakespeare (bundled, offline), .txt/.jsonl/.json/.parquet "
+                        "files (a file, directory or glob), or a Hugging Face Hub dataset",
+                        "shakespeare | PATH | hf:DATASET[:CONFIG]"),
+        "text_column": ("the column that holds the text in .jsonl/.json/.parquet/Hub sources",
+                        "a column name"),
+        "vocab_size": ("byte-level BPE vocabulary, trained on the training documents", ">= 257"),
+        "seq_len": ("tokens per training sequence", ">= 1"),
+        "batch_size": ("sequences per worker per inner step", ">= 1"),
+        "val_fraction": ("share of the documents held out for evaluation (no worker trains on "
+                         "them)", "0 < x < 0.5"),
+        "max_documents": ("use only the first N documents of the source (0 = all)", ">= 0"),
+        "inner_lr": ("AdamW's peak learning rate, reached after warmup_steps", "> 0"),
+        "min_lr_ratio": ("the cosine decay ends at inner_lr × this", "0 <= x <= 1"),
+        "warmup_steps": ("inner steps of linear learning-rate warmup", ">= 0"),
+        "weight_decay": ("AdamW weight decay on matrices (norms and other 1-D weights get none)",
+                         "0 <= x < 1"),
+        "beta1": ("AdamW β1", "0 <= x < 1"),
+        "beta2": ("AdamW β2", "0 <= x < 1"),
+        "grad_clip": ("clip each inner step's global gradient norm to this (0 = off)", ">= 0"),
+        "outer_lr": ("η, the outer Nesterov SGD's learning rate", "> 0"),
+        "outer_momentum": ("μ, the outer Nesterov momentum (torch.optim.SGD(nesterov=True)'s "
+                           "form)", "0 <= x < 1"),
+        "weighting": ("how outer gradients are averaged: uniform (1/M) or by tokens trained; "
+                      "eager needs uniform", one_of(WEIGHTINGS)),
+        "delay": ("d, how many outer steps old the average is when delayed/eager apply it",
+                  "1 | 2"),
+        "streaming": ("Streaming DiLoCo: one fragment synced per Flower round, every H/P inner "
+                      "steps; not with dp", "true | false"),
+        "fragments": ("P, fragments of transformer blocks (streaming=true)",
+                      "1 .. the model's blocks; divides inner_steps"),
+        "fragment_pattern": ("strided: fragment p holds blocks p, p+P, ...; sequential: "
+                             "contiguous runs of blocks", one_of(FRAGMENT_PATTERNS)),
+        "overlap_steps": ("τ, inner steps between a fragment's sync and applying its average "
+                          "(0 = blocking); streaming diloco only", "0 <= τ < inner_steps/fragments"),
+        "mixing": ("α, after applying an average: local ← α·local + (1 − α)·global; streaming "
+                   "diloco only", "0 <= α <= 1"),
+        "wire_precision": ("outer gradients and averages on the wire, both ways; the math stays "
+                           "fp32 (docs/algorithms.md#wire-codecs)", one_of(WIRE_PRECISIONS)),
+        "eval_every": ("evaluate the global model every N outer steps (and after the last)",
+                       ">= 1"),
+        "eval_sequences": ("held-out sequences per evaluation", ">= 1"),
+        "out_dir": ("where the run writes config, metrics, summary, plots and checkpoints; "
+                    "empty = ./runs/<algorithm>-<timestamp>", "an absolute path, or empty"),
+        "checkpoint_every": ("a resumable checkpoint every N outer steps (0 = only the final "
+                             "model)", ">= 0"),
+        "keep_checkpoints": ("how many of the newest resumable checkpoints to keep", ">= 1"),
+        "resume": ("a run's out_dir: continue it from its newest checkpoint (empty = start "
+                   "fresh)", "an absolute path, or empty"),
+        "tensorboard": ("also write the metrics as TensorBoard events under out_dir/tensorboard",
+                        "true | false"),
+        "outlier_norm_ratio": ("reject an outer gradient whose norm exceeds this × the round's "
+                               "median (0 = no check)", "0, or > 1"),
+        "max_reply_bytes": ("reject a reply larger than this (0 = twice what its outer gradient "
+                            "needs, plus 64 KiB)", ">= 0"),
+        "device": ("where the workers train: auto = CUDA when present, else CPU",
+                   "auto | cpu | cuda | cuda:N"),
+        "threads_per_worker": ("torch CPU threads per worker (0 = the machine's cores / "
+                               "num_clients)", ">= 0"),
+        "round_timeout": ("seconds a round waits for replies after the previous one closed; "
+                          "then it closes with the replies it has", "> 0"),
+        "node_wait_timeout": ("seconds the server waits for num_clients nodes to connect",
+                              "> 0"),
+        "worker_idle_timeout": ("seconds a worker process lives without a request, then exits",
+                                "> 0"),
+    }
 
 
 # Short names for the presets a CPU user reaches for first.

@@ -1,4 +1,6 @@
-"""The data-parallel baseline (SPEC §2): every step averages the M workers' gradients.
+"""The data-parallel baseline: every step averages the M workers' gradients.
+
+See docs/algorithms.md#data-parallel-baseline.
 
 `train_data_parallel(cfg)` trains the same model (same init) on the same data (the same M
 shards, each walked by the same `BatchStream` seed a DiLoCo worker would use) with the same

@@ -122,19 +122,27 @@ def hf_config(cfg: ModelConfig, eos_id: int) -> dict[str, Any]:
         "attention_dropout": 0.0,
         "bos_token_id": eos_id,
         "eos_token_id": eos_id,
-        "pad_token_id": None,
+        "pad_token_id": eos_id,
         "torch_dtype": "float32",
         "dtype": "float32",
     }
 
 
-def _tokenizer_configs(eos_id: int, seq_len: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """tokenizer_config.json and special_tokens_map.json for PreTrainedTokenizerFast."""
+def _tokenizer_configs(eos_id: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """tokenizer_config.json and special_tokens_map.json for PreTrainedTokenizerFast.
+
+    The vocabulary has no padding token, so EOS pads (masked out by the attention mask),
+    on the left, where batched generation with a decoder-only model needs it. No
+    `model_max_length`: rotary positions run past the training length (config.json's
+    max_position_embeddings says what it was), and a limit there only makes transformers
+    warn about indexing errors that cannot happen.
+    """
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": EOS_TOKEN,
         "eos_token": EOS_TOKEN,
-        "model_max_length": seq_len,
+        "pad_token": EOS_TOKEN,
+        "padding_side": "left",
         # Byte-level BPE decodes exactly; the default clean-up would drop spaces before
         # punctuation (" ." -> ".").
         "clean_up_tokenization_spaces": False,
@@ -145,7 +153,7 @@ def _tokenizer_configs(eos_id: int, seq_len: int) -> tuple[dict[str, Any], dict[
             }
         },
     }
-    special_tokens_map = {"bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN}
+    special_tokens_map = {"bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN}
     return tokenizer_config, special_tokens_map
 
 
@@ -225,7 +233,7 @@ def export_to_hf(checkpoint_dir: str | Path, out_dir: str | Path, overwrite: boo
                  lambda fh: fh.write(save(tensors, metadata={"format": "pt"})))
     tokenizer_json = tokenizer.to_str()
     atomic_write(out_dir / TOKENIZER_NAME, lambda fh: fh.write(tokenizer_json.encode()))
-    tokenizer_config, special_tokens_map = _tokenizer_configs(eos_id, cfg.seq_len)
+    tokenizer_config, special_tokens_map = _tokenizer_configs(eos_id)
     _write_json(out_dir / TOKENIZER_CONFIG_NAME, tokenizer_config)
     _write_json(out_dir / SPECIAL_TOKENS_NAME, special_tokens_map)
     _write_json(out_dir / GENERATION_CONFIG_NAME,

@@ -47,9 +47,10 @@ ring, 2 through the star (up, then down).
 
 Fixed costs per sync. Whatever a sync costs regardless of bandwidth enters as latency. In a
 Flower deployment that is mostly the framework itself: the SuperNode polls for messages, a
-fresh ClientApp process starts for every message, the ServerApp polls for replies (SPEC §5;
-about 3 to 4 s per round on an idle machine). Measure it once per round (e.g. a `diloco`
-worker's idle seconds per round on an unshaped link) and pass
+fresh ClientApp process starts for every message, the ServerApp polls for replies
+(docs/algorithms.md#flower-constraints; about 3 to 4 s per round on an idle machine).
+Measure it once per round (e.g. a `diloco` worker's idle seconds per round on an unshaped
+link) and pass
 
     latency_s = one-way link delay + per-round overhead / sync_hops(workload)
 
@@ -103,8 +104,8 @@ bisection on log B; it returns inf when the target is out of reach (latency that
 hides, or non-block parameters with zero slack and a target of exactly 100 %), and 0 when
 even 1 bit/s suffices. With infinite bandwidth and zero latency every method reaches CU = 1.
 
-Validation against the eager-updates paper's 1B table (SPEC §4; bench/planner_vs_paper.py)
-==========================================================================================
+Validation against the eager-updates paper's 1B table (docs/algorithms.md#compute-utilization)
+==============================================================================
 
 What the paper's simulation must assume was inferred from its numbers, then fixed once
 (no constant differs between rows or cells):
@@ -636,6 +637,10 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="fl-diloco plan",
         description="Predict compute utilization (CU) per method, and the bandwidth each "
                     "needs for a target CU. Prints a Markdown table.",
+        epilog="The model (ring or star, per-block slack, how overlap hides a sync, the "
+               "per-round overhead) is written out in the docstring of fl_diloco/planner.py; "
+               "CU and the eager-updates paper's 1B table it is checked against are in "
+               "docs/algorithms.md#compute-utilization.",
     )
     m = p.add_argument_group("model (one of)")
     m.add_argument("--model", choices=list(PRESETS), help="a preset from fl_diloco.model")
@@ -671,7 +676,8 @@ def _build_parser() -> argparse.ArgumentParser:
                         "hops, a star sync 2")
     n.add_argument("--sync-overhead", type=_NONNEG_FLOAT, default=0.0,
                    help="fixed seconds per sync that no bandwidth removes, e.g. a Flower "
-                        "deployment's per-round overhead (SPEC §5, ~3-4 s); added to the "
+                        "deployment's per-round overhead (several s; "
+                        "docs/algorithms.md#flower-constraints); added to the "
                         "latency as overhead / hops per sync (default 0)")
     n.add_argument("--bandwidth", type=_POS_FLOAT, help="Gbit/s: add CU and wall-time columns")
     n.add_argument("--steps", type=_POS_INT,
@@ -755,7 +761,7 @@ def _describe(workload: Workload, methods: Sequence[str], latency_s: float) -> s
     streaming = any(parse_method(m).family == "streaming" for m in methods)
     if streaming and w.inner_steps % w.fragments:
         text += (f"\nnote: H = {w.inner_steps} is not a multiple of P = {w.fragments}: training "
-                 f"rejects that (SPEC §2); the timing model uses H/P = "
+                 f"rejects that; the timing model uses H/P = "
                  f"{w.inner_steps / w.fragments:g} steps as is")
     return text
 

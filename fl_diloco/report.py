@@ -2,14 +2,15 @@
 
 A sweep directory holds one directory per job (what `fl-diloco train -m` writes, listed in
 its sweep.json; any directory of run directories works too, e.g. bench/overlap_ablation.py's).
+A single run's out_dir is reported as a sweep of one job.
 Runs whose configs differ only by `seed` are one row: the table shows the mean ± the sample
 standard deviation over the seeds, and n, so that a difference smaller than the spread between
 seeds is not read as an effect. Outputs, in --out (default: the sweep directory):
 
   report.md                  the Markdown table, the baseline it compares with, failed jobs
   eval_loss_vs_tokens.png    eval loss against training tokens, one line per row
-  eval_loss_vs_H.png         final eval loss against H (inner steps), one line per row that
-                             differs from another only by H
+  eval_loss_vs_H.png         final eval loss against H (inner steps), one line per variant;
+                             only when some variant ran at two or more H
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import socket
 import statistics
 import sys
 import textwrap
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fl_diloco.atomic import atomic_write
 from fl_diloco.config import DEFAULTS, RunConfig
 from fl_diloco.reporting import METRICS_NAME, SUMMARY_NAME, format_bytes
 
@@ -50,7 +54,9 @@ class Job:
     """One job of a sweep as found on disk."""
 
     name: str
-    status: str  # "completed" (summary.json), "failed" (failed.json) or "incomplete"
+    # "completed" (summary.json), "failed" (failed.json), "interrupted" (its sweep was stopped
+    # while it ran) or "incomplete" (still running, or stopped in a way nothing recorded)
+    status: str
     overrides: list[str] = field(default_factory=list)
     config: dict[str, Any] | None = None
     summary: dict[str, Any] | None = None
@@ -127,6 +133,8 @@ def load_jobs(sweep_dir: Path) -> list[Job]:
         raise ReportError(f"{sweep_dir} is not a directory; pass a sweep directory "
                           f"(what `fl-diloco train -m` printed after 'report:')")
     index = _read_json(sweep_dir / SWEEP_INDEX_NAME)
+    if is_run_dir(sweep_dir) and not index:
+        return [_load_job(sweep_dir, sweep_dir, [])]
     if index and index.get("jobs"):
         # Paths are relative to the sweep directory (absolute for an out_dir set outside it).
         places = [(sweep_dir / job["job_dir"], sweep_dir / (job.get("out_dir") or job["job_dir"]),
@@ -141,10 +149,52 @@ def load_jobs(sweep_dir: Path) -> list[Job]:
         places = [(d, d, []) for d in sorted(sweep_dir.iterdir(), key=order)
                   if d.is_dir() and any((d / name).exists() for name in (SUMMARY_NAME, "config.json", FAILED_NAME))]
     jobs = [_load_job(*place) for place in places]
+    if index and index.get("jobs"):
+        _mark_interrupted(sweep_dir, index, jobs)
     if not jobs:
         raise ReportError(f"no runs in {sweep_dir}: expected {SWEEP_INDEX_NAME} or subdirectories "
                           f"with {SUMMARY_NAME}, config.json or {FAILED_NAME}")
     return jobs
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether `path` is one run's out_dir (what `fl-diloco train` writes), not a sweep."""
+    return (path / SUMMARY_NAME).is_file() or (path / METRICS_NAME).is_file()
+
+
+def _process_gone(index: dict[str, Any]) -> bool:
+    """Whether the sweep process that wrote `index` has ended. False when that cannot be told
+    from here (another machine, an index without a pid)."""
+    pid = index.get("pid")
+    if not isinstance(pid, int) or index.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except OSError:  # e.g. PermissionError: the pid belongs to a live process of someone else
+        pass
+    return False
+
+
+def _mark_interrupted(sweep_dir: Path, index: dict[str, Any], jobs: list[Job]) -> None:
+    """Jobs the index calls `running` whose sweep process is gone were stopped mid-run (e.g.
+    SIGKILL, which leaves no trace): call them `interrupted`, here and in sweep.json."""
+    gone = _process_gone(index)
+    changed = False
+    for entry, job in zip(index["jobs"], jobs):
+        if job.status != "incomplete":
+            continue
+        if entry.get("status") == "running" and gone:
+            entry["status"], changed = "interrupted", True
+        if entry.get("status") == "interrupted":
+            job.status = "interrupted"
+            job.error = job.error or "the sweep was stopped while this job ran; run it again"
+    if changed:
+        try:  # best effort: the report is still right if the sweep directory is read-only
+            atomic_write(sweep_dir / SWEEP_INDEX_NAME, lambda f: f.write(json.dumps(index, indent=2).encode()))
+        except OSError:
+            pass
 
 
 def _load_job(job_dir: Path, out_dir: Path, overrides: list[str]) -> Job:
@@ -292,10 +342,11 @@ def markdown_report(sweep_dir: Path, jobs: list[Job], rows: list[Row], baseline:
     unfinished = [job for job in jobs if job.status != "completed"]
     done = len(jobs) - len(unfinished)
     parts = [
-        f"# Sweep report: {Path(sweep_dir).name}",
+        f"# {'Run' if is_run_dir(Path(sweep_dir)) else 'Sweep'} report: {Path(sweep_dir).name}",
         "",
         f"{len(jobs)} jobs: {done} completed in {len(rows)} rows, "
         f"{sum(j.status == 'failed' for j in jobs)} failed, "
+        f"{sum(j.status == 'interrupted' for j in jobs)} interrupted, "
         f"{sum(j.status == 'incomplete' for j in jobs)} incomplete.",
         "",
     ]
@@ -371,24 +422,34 @@ def plot_loss_vs_tokens(rows: list[Row], path: Path, title: str) -> Path:
     return path
 
 
-def plot_loss_vs_inner_steps(rows: list[Row], path: Path, title: str) -> Path:
-    """Final eval loss against H, one line per variant that differs from another only by H."""
+def loss_vs_inner_steps(rows: list[Row]) -> dict[str, list[tuple[int, Stat]]]:
+    """{variant (all but H): [(H, final eval loss)] sorted by H}; {} when no variant ran at two
+    or more H, since a plot of one dot per variant says nothing about H."""
+    varying = varying_keys([row.config for row in rows])
+    lines: dict[str, list[tuple[int, Stat]]] = {}
+    for row in rows:
+        loss = row.stat("final_eval_loss")
+        if loss.mean is not None:
+            name = variant_label(row.config, varying, exclude=("inner_steps",))
+            lines.setdefault(name, []).append((row.config["inner_steps"], loss))
+    lines = {name: sorted(points, key=lambda point: point[0]) for name, points in lines.items()}
+    return lines if any(len(points) > 1 for points in lines.values()) else {}
+
+
+def plot_loss_vs_inner_steps(rows: list[Row], path: Path, title: str) -> Path | None:
+    """Final eval loss against H, one line per variant; None (and no file) when H was not swept."""
+    lines = loss_vs_inner_steps(rows)
+    if not lines:
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    varying = varying_keys([row.config for row in rows])
-    lines: dict[str, list[tuple[int, Stat]]] = {}
-    for row in rows:
-        name = variant_label(row.config, varying, exclude=("inner_steps",))
-        lines.setdefault(name, []).append((row.config["inner_steps"], row.stat("final_eval_loss")))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, points in lines.items():
-        points = sorted((h, s) for h, s in points if s.mean is not None)
-        if points:
-            ax.errorbar([h for h, _ in points], [s.mean for _, s in points],
-                        yerr=[s.std or 0.0 for _, s in points], marker="o", capsize=3, label=name)
+        ax.errorbar([h for h, _ in points], [s.mean for _, s in points],
+                    yerr=[s.std or 0.0 for _, s in points], marker="o", capsize=3, label=name)
     all_h = sorted({row.config["inner_steps"] for row in rows})
     ax.set_xticks(all_h)
     ax.set_xlabel("H (inner steps per outer step)")
@@ -418,14 +479,17 @@ def report(sweep_dir: Path, out_dir: Path | None = None, baseline: str = "") -> 
     paths["report"].write_text(markdown_report(sweep_dir, jobs, rows, base_row, how))
     title = textwrap.fill(f"{sweep_dir.resolve().name}: {shared_settings(rows)}", 80)
     paths["eval_loss_vs_tokens"] = plot_loss_vs_tokens(rows, out_dir / TOKENS_PLOT_NAME, title)
-    paths["eval_loss_vs_H"] = plot_loss_vs_inner_steps(rows, out_dir / H_PLOT_NAME, title)
+    h_plot = plot_loss_vs_inner_steps(rows, out_dir / H_PLOT_NAME, title)
+    if h_plot:
+        paths["eval_loss_vs_H"] = h_plot
     return paths
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fl-diloco report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep_dir", type=Path, help="a sweep directory (fl-diloco train -m)")
+    parser.add_argument("sweep_dir", type=Path,
+                        help="a sweep directory (fl-diloco train -m), or one run's out_dir")
     parser.add_argument("--baseline", default="",
                         help="KEY=VALUE[,KEY=VALUE...] picking the row ratios are taken against "
                              "(default: the first DiLoCo row without streaming)")

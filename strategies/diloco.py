@@ -1,4 +1,4 @@
-"""The server side of every DiLoCo variant as a Flower Strategy (SPEC §2).
+"""The server side of every DiLoCo variant as a Flower Strategy (docs/algorithms.md).
 
 Each Flower round r synchronises one fragment p(r) (the whole model unless streaming):
 
@@ -16,11 +16,12 @@ model, using the same quantized averages the workers receive:
   delayed   θ_p ← Outer_p(θ_p, Δ(k))              k = r − d·P; every worker holds this θ
   eager     θ_p ← Outer_p(θ_p, Δ(k) + (Δ(r) − Δ(k))/M)
             the mean of the workers' own outer parameters θ_m: the outer step is linear, so
-            the mean follows the mean of the workers' eager updates exactly (SPEC §2).
+            the mean follows the mean of the workers' eager updates exactly
+            (docs/algorithms.md#what-the-server-evaluates).
             M is round r's participant count; the tracking is exact while every worker
             takes part, and stays the natural estimate when some drop out.
 
-Replies that fail validation (hostile input, SPEC §5) are logged with their node id and left
+Replies that fail validation (hostile or broken input) are logged with their node id and left
 out of the round. A node whose worker failed, went silent or restarted gets the server's
 state (`worker_state`) and contributes again from its next request.
 """

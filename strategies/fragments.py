@@ -1,4 +1,6 @@
-"""Streaming DiLoCo's fragments and the schedule of Flower rounds (SPEC §2).
+"""Streaming DiLoCo's fragments and the schedule of Flower rounds.
+
+See docs/algorithms.md#streaming-diloco and #rounds-and-schedule.
 
 The model's transformer blocks are split into P fragments; fragment p is synchronised once
 every H inner steps, the fragments staggered H/P steps apart, so there is one Flower round
@@ -73,7 +75,7 @@ def stale_round(server_round: int, staleness: int, num_fragments: int) -> int:
     """k = r − d·P: the round whose average `delayed`/`eager` apply at round r's sync.
 
     It synced the same fragment d syncs (d·H inner steps) earlier; k ≤ 0 means there was no
-    such round yet, and Δ(k) = 0 (SPEC §2: Δ(0) = 0).
+    such round yet, and Δ(k) = 0 (Δ(t) = 0 for t ≤ 0).
     """
     return server_round - staleness * num_fragments
 

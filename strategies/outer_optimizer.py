@@ -1,4 +1,6 @@
-"""The outer loop's math, as pure functions on named fp32 tensors (SPEC §1).
+"""The outer loop's math, as pure functions on named fp32 tensors.
+
+See docs/algorithms.md#outer-gradient-and-outer-optimizer and #eager-updates.
 
 Everything the server (and, later, an eager worker) does to parameters goes through these
 functions, so the sign convention and the Nesterov parameterisation are written exactly once:
@@ -7,7 +9,7 @@ functions, so the sign convention and the Nesterov parameterisation are written 
                                                        points the same way as a gradient)
     average          Δ   = Σ_m w_m Δ_m                 (Σ w_m = 1)
     Nesterov SGD     b ← μ·b + Δ ;  θ ← θ − η·(Δ + μ·b)   (torch.optim.SGD(nesterov=True))
-    eager mix        Δ̃_m(t) = Δ(t−d) + w_m·(Δ_m(t) − Δ_m(t−d))   (SPEC §2)
+    eager mix        Δ̃_m(t) = Δ(t−d) + w_m·(Δ_m(t) − Δ_m(t−d))   (eager updates)
 """
 
 from __future__ import annotations

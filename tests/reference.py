@@ -1,16 +1,16 @@
-"""An independent, single-process reading of SPEC §1-§2: the oracle the Flower runs are checked against.
+"""An independent, single-process reading of docs/algorithms.md: the oracle for the Flower runs.
 
 Everything happens in one loop over inner steps, with all M workers in lockstep:
 
 * round r = 1..R (R = T·P) syncs fragment p(r) = (r − 1) mod P after every worker has taken
-  s(r) = r·H/P inner steps in total (SPEC §2 "Streaming DiLoCo": fragments staggered H/P apart);
+  s(r) = r·H/P inner steps in total (docs/algorithms.md#rounds-and-schedule);
 * staleness 0 (diloco, streamed or not): the average A(r) is applied τ = overlap_steps inner
   steps later (τ = 0: at once), then merged into the local copy with α = mixing;
 * staleness d ≥ 1 (delayed, eager): the fragment's rule uses the outer gradients of round
   k = r − d·P, the one that synced the same fragment d syncs earlier (zero when k ≤ 0).
 
 Nothing here is imported from `strategies/` (the code under test). The outer optimizer is
-`torch.optim.SGD(nesterov=True)`, which *is* the SPEC §1 parameterisation; the inner loop
+`torch.optim.SGD(nesterov=True)`, which *is* the outer optimizer's parameterisation; the inner loop
 (AdamW on the worker's shard) is reused from `clients`, since it is not what is being tested.
 """
 
@@ -68,7 +68,7 @@ def fragment_names(param_names: list[str], num_fragments: int, pattern: str) -> 
 
 
 def _outer_step(params: Tensors, optimizer: torch.optim.SGD, gradient: Tensors) -> None:
-    """θ ← Outer(θ, g): torch's Nesterov SGD, b ← μ·b + g; θ ← θ − η·(g + μ·b) (SPEC §1)."""
+    """θ ← Outer(θ, g): torch's Nesterov SGD, b ← μ·b + g; θ ← θ − η·(g + μ·b)."""
     for name, param in params.items():
         param.grad = gradient[name].clone()
     optimizer.step()
@@ -90,7 +90,7 @@ def reference_run(cfg: RunConfig) -> ReferenceResult:
 def _run(cfg: RunConfig) -> ReferenceResult:
     M, P, S, d = cfg.num_clients, cfg.num_fragments, cfg.sync_interval, cfg.staleness
     R, tau, alpha = cfg.flower_rounds, cfg.overlap_steps, cfg.mixing
-    w = [1.0 / M] * M  # uniform weights w_m = 1/M (SPEC §1)
+    w = [1.0 / M] * M  # uniform weights w_m = 1/M
 
     # Every trainer is built after torch.manual_seed(cfg.seed): all start from the same θ0.
     trainers = [build_trainer(cfg, m, M, "cpu") for m in range(M)]
@@ -100,7 +100,7 @@ def _run(cfg: RunConfig) -> ReferenceResult:
         raise ValueError(f"fragments={P} leaves a fragment with no parameters")
 
     # Each worker's outer parameters θ_{m,p} and its own outer optimizer per fragment
-    # (SPEC §2 Streaming: "Each fragment has its own outer optimizer state"; Eager: θ_m, b_m).
+    # (streaming: each fragment has its own outer optimizer state; eager: θ_m, b_m).
     outer = [[{n: theta0[n].clone() for n in names} for names in fragments] for _ in range(M)]
     # torch refuses nesterov=True with μ = 0, where Nesterov is plain SGD anyway.
     optimizers = [[torch.optim.SGD(list(frag.values()), lr=cfg.outer_lr,
@@ -127,7 +127,7 @@ def _run(cfg: RunConfig) -> ReferenceResult:
             p = (r - 1) % P
             names = fragments[p]
             locals_ = [trainers[m].parameters_fp32() for m in range(M)]
-            # Δ_{m,p} = θ_{m,p} − θ_{m,p,local}: start minus end, fp32 (SPEC §1 sign).
+            # Δ_{m,p} = θ_{m,p} − θ_{m,p,local}: start minus end, fp32.
             delta = [{n: outer[m][p][n] - locals_[m][n] for n in names} for m in range(M)]
             # A(r) = Σ_m w_m Δ_{m,p}(r).
             average = {n: sum((w[m] * delta[m][n] for m in range(M)), torch.zeros_like(theta0[n]))
@@ -136,17 +136,17 @@ def _run(cfg: RunConfig) -> ReferenceResult:
             deltas.append(delta)
 
             if d == 0:
-                # SPEC §2 Streaming: "the average is applied τ inner steps later".
+                # Streaming: the average is applied τ inner steps after the sync.
                 pending[step + tau] = (p, average)
             else:
                 k = r - d * P  # the round that synced fragment p d outer steps ago
                 for m in range(M):
                     if cfg.algorithm == "delayed":
-                        # SPEC §2 Delayed: θ(t) = Outer(θ(t−1), Δ(t−d)), Δ(≤0) = 0.
+                        # Delayed: θ(t) = Outer(θ(t−1), Δ(t−d)), Δ(≤0) = 0.
                         step_grad = (averages[k - 1] if k >= 1
                                      else {n: torch.zeros_like(theta0[n]) for n in names})
                     else:
-                        # SPEC §2 Eager, first (definitional) line:
+                        # Eager, first (definitional) line:
                         # Δ̃_m(t) = w_m·Δ_m(t) + Σ_{j≠m} w_j·Δ_j(t−d), Δ_j(≤0) = 0.
                         step_grad = {}
                         for n in names:
@@ -157,7 +157,7 @@ def _run(cfg: RunConfig) -> ReferenceResult:
                                         g = g + w[j] * deltas[k - 1][j][n]
                             step_grad[n] = g
                     _outer_step(outer[m][p], optimizers[m][p], step_grad)
-                    # "then phase t+1 starts from θ_m(t)": no merge needed (SPEC §2 Eager+Streaming).
+                    # "then phase t+1 starts from θ_m(t)": no merge needed (eager with streaming).
                     set_local(m, outer[m][p])
 
         if step in pending:
@@ -165,7 +165,7 @@ def _run(cfg: RunConfig) -> ReferenceResult:
             for m in range(M):
                 # θ_p ← Outer_p(θ_p, A(r)); identical on every worker.
                 _outer_step(outer[m][p], optimizers[m][p], average)
-                # θ_{m,p,local} ← α·θ_{m,p,local} + (1 − α)·θ_p (SPEC §2 Streaming).
+                # θ_{m,p,local} ← α·θ_{m,p,local} + (1 − α)·θ_p (streaming merge).
                 local = trainers[m].parameters_fp32()
                 set_local(m, {n: alpha * local[n] + (1.0 - alpha) * outer[m][p][n]
                               for n in fragments[p]})

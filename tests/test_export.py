@@ -1,5 +1,6 @@
 """`fl-diloco export`: a checkpoint loads in transformers as a LlamaForCausalLM that computes
-the same logits, with a tokenizer that gives the same ids."""
+the same logits, with a tokenizer that gives the same ids. The tests that load the export
+need the optional `transformers`; the ones that read the written files do not."""
 
 from __future__ import annotations
 
@@ -14,10 +15,13 @@ from fl_diloco.export import EXPORTED_FILES, export_to_hf, main
 from fl_diloco.model import ModelConfig, Transformer, model_config
 from tests.conftest import small_config
 
-# fl_diloco.export itself does not need transformers; loading its output does.
-transformers = pytest.importorskip(
-    "transformers", reason="export tests need the optional `transformers` dependency"
-)
+
+@pytest.fixture(scope="module")
+def transformers():
+    # fl_diloco.export itself does not need transformers; loading its output does.
+    return pytest.importorskip("transformers", reason="loading the export needs the optional "
+                                                      "`transformers` dependency")
+
 
 TEXT = "HAMLET. To be, or not to be: that is the question.\n\n  Enter   Ghost — ‘ça va?’ 42"
 
@@ -72,13 +76,14 @@ def test_exported_files_and_config(exported):
     assert config["rope_theta"] == cfg.rope_theta
     assert config["tie_word_embeddings"] is cfg.tie_embeddings
 
+    transformers = pytest.importorskip("transformers")  # the files above need no transformers
     hf_config = transformers.AutoConfig.from_pretrained(out_dir)
     assert hf_config.rms_norm_eps == cfg.norm_eps
     assert hf_config.tie_word_embeddings is cfg.tie_embeddings
     assert hf_config.head_dim == cfg.head_dim
 
 
-def test_transformers_model_computes_the_same_logits(exported):
+def test_transformers_model_computes_the_same_logits(exported, transformers):
     model, out_dir = exported
     hf = transformers.AutoModelForCausalLM.from_pretrained(out_dir).eval()
     assert type(hf).__name__ == "LlamaForCausalLM"
@@ -97,7 +102,18 @@ def test_transformers_model_computes_the_same_logits(exported):
     assert max_diff < 1e-4, f"max |logit difference| = {max_diff:.3g}"
 
 
-def test_tokenizer_round_trip(run, exported):
+def test_tokenizer_files_pad_with_eos_and_set_no_length_limit(run, exported):
+    _, corpus = run
+    _, out_dir = exported
+    tokenizer_config = json.loads((out_dir / "tokenizer_config.json").read_text())
+    special = json.loads((out_dir / "special_tokens_map.json").read_text())
+    assert tokenizer_config["pad_token"] == special["pad_token"] == EOS_TOKEN
+    assert tokenizer_config["padding_side"] == "left"  # batched generation, decoder-only
+    assert "model_max_length" not in tokenizer_config
+    assert json.loads((out_dir / "config.json").read_text())["pad_token_id"] == corpus.eos_id
+
+
+def test_tokenizer_round_trip(run, exported, transformers):
     _, corpus = run
     _, out_dir = exported
     tok = transformers.AutoTokenizer.from_pretrained(out_dir)
@@ -108,6 +124,9 @@ def test_tokenizer_round_trip(run, exported):
     assert tok.eos_token == EOS_TOKEN
     assert tok.eos_token_id == corpus.eos_id
     assert len(tok) == corpus.vocab_size
+    batch = tok([TEXT, "To be"], padding=True)
+    assert batch["input_ids"][1][0] == corpus.eos_id and batch["attention_mask"][1][0] == 0
+    assert tok.model_max_length > 10 ** 6  # no warning when a text runs past seq_len
 
 
 def test_cli_refuses_a_non_empty_out_dir_unless_overwrite(exported, capsys):
@@ -121,7 +140,7 @@ def test_cli_refuses_a_non_empty_out_dir_unless_overwrite(exported, capsys):
     assert main([str(checkpoint), str(out_dir), "--overwrite"]) == 0
     printed = capsys.readouterr().out
     assert "model.safetensors" in printed and "AutoModelForCausalLM.from_pretrained" in printed
-    assert transformers.AutoModelForCausalLM.from_pretrained(out_dir) is not None
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(EXPORTED_FILES)
 
 
 def test_out_dir_cannot_be_the_checkpoint(exported):

@@ -1,5 +1,5 @@
-"""SPEC §2's properties of the overlap variants, on the pure math and on the real strategy
-and workers (driven in process)."""
+"""The overlap variants' properties (docs/algorithms.md#what-the-tests-check), on the pure
+math and on the real strategy and workers (driven in process)."""
 
 import pytest
 import torch
@@ -36,7 +36,7 @@ def _eager_trajectory(M, T, d, lr, momentum):
         k = max(0, t - d)
         for m in range(M):
             optimizers[m].step(eager_outer_gradient(averages[k], deltas[t][m], deltas[k][m], 1 / M))
-        # What the server tracks from the averages alone (SPEC: the mean's closed form).
+        # What the server tracks from the averages alone (the mean's closed form).
         mean_optimizer.step(eager_outer_gradient(averages[k], averages[t], averages[k], 1 / M))
     return start, thetas, mean, deltas, averages
 

@@ -1,4 +1,6 @@
-"""The reference (tests/reference.py) checked on properties SPEC §2 states or the formulas imply.
+"""The reference (tests/reference.py) checked on properties the formulas imply.
+
+The formulas, and the list of properties, are in docs/algorithms.md.
 
 Each test names the wrong implementation it would catch, so the oracle is itself trusted before
 the Flower runs are compared with it.
@@ -150,7 +152,7 @@ def test_delayed_with_plain_sgd_sums_the_stale_averages(tmp_path, delay, fragmen
 
 @pytest.mark.parametrize("delay,fragments", [(1, 1), (2, 1), (1, 2)])
 def test_eager_with_plain_sgd_applies_every_contribution_once(tmp_path, delay, fragments):
-    # SPEC §2: with μ = 0, Σ_t Δ̃_m(t) = Σ_{t<T} Δ(t) + w_m·Δ_m(T) (d = 1). For d outer steps
+    # With μ = 0, Σ_t Δ̃_m(t) = Σ_{t<T} Δ(t) + w_m·Δ_m(T) (d = 1). For d outer steps
     # and per fragment p: Σ_{t ≤ T−d} Δ_p(t) + w_m·Σ_{T−d < t ≤ T} Δ_{m,p}(t). With η = 1 the
     # worker's outer movement is minus that sum. Mixing with (M−1)/M·Δ(t−d) instead counts the
     # worker's own stale term twice and misses this by (w_m/M)·Σ(Δ_j − Δ_m), checked below to be
@@ -177,7 +179,7 @@ def test_eager_with_plain_sgd_applies_every_contribution_once(tmp_path, delay, f
 
 
 def test_eager_mean_follows_outer_on_mixed_averages(tmp_path):
-    # SPEC §2: uniform weights, common start, d = 1: the mean of the workers' outer parameters
+    # Uniform weights, common start, d = 1: the mean of the workers' outer parameters
     # follows θ̄(t) = Outer(θ̄(t−1), (1 − 1/M)·Δ(t−1) + (1/M)·Δ(t)), with Nesterov momentum too.
     cfg = small_config(tmp_path, algorithm="eager", delay=1, num_clients=2, rounds=4, inner_steps=4)
     M = cfg.num_clients

@@ -2,7 +2,11 @@
 failed jobs, and the plots, on synthetic sweep directories (no training)."""
 
 import json
+import os
+import socket
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,8 +100,9 @@ def test_report_table_shows_mean_std_ratio_and_failed_jobs(tmp_path):
     assert "| 4-algorithm=eager,seed=2 | failed |" in text and "worker 1 died" in text
     assert "5 jobs: 4 completed in 2 rows, 1 failed" in text
     assert "Every run: `model=tiny num_clients=4 inner_steps=4 rounds=20`." in text  # what they share
-    for name in ("eval_loss_vs_tokens", "eval_loss_vs_H"):
-        assert paths[name].exists() and paths[name].stat().st_size > 1000
+    assert paths["eval_loss_vs_tokens"].exists() and paths["eval_loss_vs_tokens"].stat().st_size > 1000
+    # H was not swept: a plot of one dot per variant would say nothing.
+    assert "eval_loss_vs_H" not in paths and not (sweep / "eval_loss_vs_H.png").exists()
 
 
 def test_baseline_can_be_chosen_and_a_missing_one_is_named(tmp_path):
@@ -145,3 +150,42 @@ def test_a_sweep_where_every_job_failed_still_reports_why(tmp_path):
                                                "overrides": ["delay=3"]}))
     text = report(tmp_path / "sweep")["report"].read_text()
     assert "0 completed" in text and "delay must be 1 or 2" in text
+
+
+def test_a_single_run_is_reported_as_one_row(tmp_path, capsys):
+    run = tmp_path / "run"
+    fake_run(run, RunConfig.from_mapping({"algorithm": "eager"}), [8.0, 6.0, 5.5])
+    (run / "checkpoint").mkdir()  # what every run also holds: not a job of a sweep
+    (run / "checkpoint" / "config.json").write_text("{}")
+    assert main([str(run)]) == 0
+    text = (run / "report.md").read_text()
+    assert text.startswith("# Run report: run") and "1 jobs: 1 completed in 1 rows" in text
+    assert "| eager d=1 (baseline) |" in text and "checkpoint" not in text
+    assert not (run / "eval_loss_vs_H.png").exists()
+
+
+def _sweep_with_a_running_job(root, pid):
+    sweep = root / "sweep"
+    (sweep / "0-seed=0").mkdir(parents=True)
+    index = {"pid": pid, "host": socket.gethostname(),
+             "jobs": [{"num": 0, "overrides": ["seed=0"], "job_dir": "0-seed=0", "out_dir": "0-seed=0",
+                       "status": "running"}]}
+    (sweep / SWEEP_INDEX_NAME).write_text(json.dumps(index))
+    return sweep
+
+
+def test_a_job_left_running_by_a_killed_sweep_is_marked_interrupted(tmp_path):
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()  # a pid whose process is gone, as a SIGKILLed sweep's
+    sweep = _sweep_with_a_running_job(tmp_path, ended.pid)
+    [job] = load_jobs(sweep)
+    assert job.status == "interrupted" and "run it again" in job.error
+    assert json.loads((sweep / SWEEP_INDEX_NAME).read_text())["jobs"][0]["status"] == "interrupted"
+    assert "0 completed in 0 rows, 0 failed, 1 interrupted" in report(sweep)["report"].read_text()
+
+
+def test_a_job_of_a_live_sweep_stays_running(tmp_path):
+    sweep = _sweep_with_a_running_job(tmp_path, os.getpid())
+    [job] = load_jobs(sweep)
+    assert job.status == "incomplete"
+    assert json.loads((sweep / SWEEP_INDEX_NAME).read_text())["jobs"][0]["status"] == "running"

@@ -320,6 +320,11 @@ def key_help() -> dict[str, tuple[str, str]]:
         "val_fraction": ("share of the documents held out for evaluation (no worker trains on "
                          "them)", "0 < x < 0.5"),
         "max_documents": ("use only the first N documents of the source (0 = all)", ">= 0"),
+        "document_unit": (".txt sources: one document per file, or per blank-line-separated "
+                          "paragraph; the train/validation split is drawn over documents",
+                          one_of(DOCUMENT_UNITS)),
+        "encoding_errors": (".txt sources: stop at the first byte that is not UTF-8 (naming the "
+                            "file and offset), or read it as U+FFFD and go on", one_of(ENCODING_ERRORS)),
         "inner_lr": ("AdamW's peak learning rate, reached after warmup_steps", "> 0"),
         "min_lr_ratio": ("the cosine decay ends at inner_lr × this", "0 <= x <= 1"),
         "warmup_steps": ("inner steps of linear learning-rate warmup", ">= 0"),

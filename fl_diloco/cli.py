@@ -98,6 +98,9 @@ def _plain_values(override: str) -> list[str]:
 
 
 def run_job(cfg: RunConfig) -> dict:
+    from fl_diloco.preflight import check_before_start
+
+    check_before_start(cfg)  # before anything starts or any directory is made
     if cfg.algorithm == "dp":
         from fl_diloco.dp_baseline import train_data_parallel
 
@@ -192,7 +195,8 @@ def print_sweep_status(sweep_dir: Path, jobs: list[dict[str, Any]]) -> None:
 
 def _hydra_train(overrides: list[str], command: list[str]) -> list[dict[str, Any]]:
     """Run Hydra's app on `overrides`; returns the sweep's job entries ([] for a single run).
-    `command` is what the user typed, for sweep.json."""
+    `command` is what the user typed, for sweep.json. A single run's ConfigError is raised
+    after Hydra returns, so that main prints it as one line instead of Hydra's traceback."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -200,13 +204,17 @@ def _hydra_train(overrides: list[str], command: list[str]) -> list[dict[str, Any
 
     jobs: list[dict[str, Any]] = []
     sweep_dirs: list[Path] = []
+    config_errors: list[ConfigError] = []
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
     def train(dict_config: DictConfig) -> None:
         values = OmegaConf.to_container(dict_config, resolve=True)
         hydra_config = HydraConfig.get()
         if hydra_config.mode != RunMode.MULTIRUN:
-            run_job(RunConfig.from_mapping(values))
+            try:
+                run_job(RunConfig.from_mapping(values))
+            except ConfigError as err:
+                config_errors.append(err)
             return
         sweep_dirs.append(Path(hydra_config.sweep.dir).resolve())
         job_dir = Path(hydra_config.runtime.output_dir)
@@ -230,6 +238,8 @@ def _hydra_train(overrides: list[str], command: list[str]) -> list[dict[str, Any
         train()
     finally:
         sys.argv = saved_argv
+    if config_errors:
+        raise config_errors[0]
     if jobs:
         print_sweep_status(sweep_dirs[0], jobs)
     return jobs
@@ -259,10 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         check_overrides(rest)
+        jobs = _hydra_train(name_jobs_by_swept_keys(rest) if is_multirun(rest) else rest, command=rest)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    jobs = _hydra_train(name_jobs_by_swept_keys(rest) if is_multirun(rest) else rest, command=rest)
     # A sweep runs every job, then says by its exit status whether all of them worked.
     return 1 if any(job["status"] != "completed" for job in jobs) else 0
 

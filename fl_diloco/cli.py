@@ -15,13 +15,13 @@ import difflib
 import json
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 from fl_diloco.atomic import atomic_write
 from fl_diloco.config import ConfigError, RunConfig
-from fl_diloco.report import FAILED_NAME, SWEEP_INDEX_NAME
+from fl_diloco.report import SWEEP_INDEX_NAME
+from fl_diloco.reporting import write_failure
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # Keys whose values are paths: never part of a job directory's name.
@@ -155,11 +155,8 @@ def run_sweep_job(values: dict[str, Any], job_dir: Path, num: int, overrides: li
         # (Ctrl-C, and SIGTERM, which Ray turns into SystemExit, still end it: see _hydra_train.)
         error = f"{type(err).__name__}: {err}"
         outcome = {"status": "failed", "error": error}
-        failure = {"error": error, "traceback": traceback.format_exc(), "overrides": overrides,
-                   "config": values}
-        job_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(job_dir / FAILED_NAME, lambda f: f.write(json.dumps(failure, indent=2).encode()))
-        print(f"== sweep job #{num} FAILED: {error}\n   details in {job_dir / FAILED_NAME}; "
+        failed = write_failure(job_dir, err, overrides=overrides, config=values)
+        print(f"== sweep job #{num} FAILED: {error}\n   details in {failed}; "
               f"going on with the next job", file=sys.stderr, flush=True)
     return {**outcome, "seconds": round(time.perf_counter() - began, 1)}
 

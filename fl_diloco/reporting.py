@@ -3,15 +3,21 @@ summary.json, a final table and a PNG of loss against tokens."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from fl_diloco.atomic import atomic_write
 
 SUMMARY_NAME = "summary.json"
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss_vs_tokens.png"
+FAILED_NAME = "failed.json"
 
 
 def compute_utilization(compute_seconds: float, idle_seconds: float) -> float | None:
@@ -178,8 +184,31 @@ def default_out_dir(algorithm: str) -> str:
 
 
 def prepare_out_dir(cfg: Any) -> Path:
-    """The run's output directory (absolute), with the resolved config written into it."""
+    """The run's output directory (absolute), with the resolved config written into it (and
+    the failed.json of an earlier start that failed, if any, removed)."""
     out_dir = Path(cfg.out_dir or default_out_dir(cfg.algorithm))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    (out_dir / FAILED_NAME).unlink(missing_ok=True)
     return out_dir.resolve()
+
+
+def write_failure(directory: Path, err: BaseException, **context: Any) -> Path:
+    """failed.json: the error, its traceback and `context` (e.g. the config), so a run
+    directory that has no summary.json says why."""
+    failure = {"error": f"{type(err).__name__}: {err}",
+               "traceback": "".join(traceback.format_exception(err)), **context}
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / FAILED_NAME
+    atomic_write(path, lambda f: f.write(json.dumps(failure, indent=2).encode()))
+    return path
+
+
+@contextlib.contextmanager
+def failure_recorded(out_dir: Path) -> Iterator[None]:
+    """A run that fails once its out_dir exists leaves failed.json there, then fails."""
+    try:
+        yield
+    except Exception as err:
+        write_failure(out_dir, err)
+        raise

@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import Iterator, Mapping
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from fl_diloco.config import DEFAULTS, ConfigError, RunConfig, resolve_device
 from fl_diloco.data import Corpus, load_corpus
 from fl_diloco.evaluation import evaluate
 from fl_diloco.model import Transformer, load_parameters, model_config
-from fl_diloco.reporting import RunLog, compute_utilization, finish_run, prepare_out_dir
+from fl_diloco.reporting import RunLog, compute_utilization, failure_recorded, finish_run, prepare_out_dir
 from strategies.diloco import DiLoCo, RoundStats
 from strategies.wire import serialized_bytes
 
@@ -212,8 +213,14 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     if resumed:
         cfg = resume_config(cfg, resumed)
     out_dir = prepare_out_dir(cfg)
-    # The workers key their node-local state by the run's directory: give them the real one.
-    cfg = cfg.replace(out_dir=str(out_dir))
+    with failure_recorded(out_dir):
+        # The workers key their node-local state by the run's directory: give them the real one.
+        return train_rounds(grid, cfg.replace(out_dir=str(out_dir)), resumed)
+
+
+def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> dict[str, Any]:
+    """The run once its out_dir exists: start the workers, run every round, write the results."""
+    out_dir = Path(cfg.out_dir)
     log(INFO, "fl-diloco %s: writing to %s", cfg.algorithm, out_dir)
     # Building the corpus here first also fills the tokenizer/token cache the workers read.
     corpus = load_corpus(cfg.data_config())

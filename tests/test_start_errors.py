@@ -76,3 +76,23 @@ def test_a_text_directory_passes_the_data_check(tmp_path):
 
     (tmp_path / "a.txt").write_text("Now is the winter of our discontent. Ünïcödé is fine.\n" * 400)
     check_data_source(RunConfig(data_source=str(tmp_path)))  # raises if it does not pass
+
+
+@pytest.mark.parametrize("runner", ["server", "dp"])
+def test_a_start_that_fails_after_out_dir_exists_leaves_failed_json_saying_why(tmp_path, monkeypatch, runner):
+    import json
+
+    from fl_diloco import dp_baseline, server_app
+    from fl_diloco.reporting import FAILED_NAME
+    from tests.conftest import small_config
+
+    def broken_corpus(data_config):
+        raise OSError("the disk went away")
+
+    module = server_app if runner == "server" else dp_baseline
+    monkeypatch.setattr(module, "load_corpus", broken_corpus)
+    cfg = small_config(tmp_path, algorithm="diloco" if runner == "server" else "dp")
+    with pytest.raises(OSError):
+        server_app.run_server(None, cfg) if runner == "server" else dp_baseline.train_data_parallel(cfg)
+    failure = json.loads((tmp_path / "run" / FAILED_NAME).read_text())
+    assert failure["error"] == "OSError: the disk went away" and "Traceback" in failure["traceback"]

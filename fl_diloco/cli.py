@@ -98,9 +98,11 @@ def _plain_values(override: str) -> list[str]:
 
 
 def run_job(cfg: RunConfig) -> dict:
+    from fl_diloco.console import quiet_third_party_output
     from fl_diloco.preflight import check_before_start
 
     check_before_start(cfg)  # before anything starts or any directory is made
+    quiet_third_party_output()
     if cfg.algorithm == "dp":
         from fl_diloco.dp_baseline import train_data_parallel
 

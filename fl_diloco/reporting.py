@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_diloco.atomic import atomic_write
+from fl_diloco.console import format_duration, round_progress_bar
 
 SUMMARY_NAME = "summary.json"
 METRICS_NAME = "metrics.jsonl"
@@ -59,6 +60,10 @@ class RunLog:
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
         elapsed = self.records[-1]["wall_seconds"] if self.records else 0.0
         self.started = time.perf_counter() - elapsed
+        # The ETA extrapolates this launch's pace (a resumed run's earlier launches may have
+        # run elsewhere): seconds since it began over the rounds it has logged.
+        self.launched, self.launch_round = time.perf_counter(), continue_after or 0
+        self.progress_bar = round_progress_bar(total_rounds, initial=self.launch_round)
         self.tensorboard = None
         if tensorboard:
             from fl_diloco.tracking import TensorBoardLog
@@ -72,15 +77,34 @@ class RunLog:
             f.write(json.dumps(record) + "\n")
         if self.tensorboard:
             self.tensorboard.log(record)
-        print(
+        eta = self.eta_seconds(record["round"])
+        line = (
             f"[round {record['round']:>3}/{self.total_rounds}] "
             f"train_loss {_fmt(record.get('train_loss'))}  "
             f"eval_loss {_fmt(record.get('eval_loss'))}  "
             f"tokens/s {_fmt(record.get('tokens_per_second'), '.0f')}  "
             f"up {format_bytes(record.get('bytes_up', 0))}  down {format_bytes(record.get('bytes_down', 0))}"
-            + (f"  rejected {record['rejected']}" if record.get("rejected") else ""),
-            flush=True,
+            + (f"  rejected {record['rejected']}" if record.get("rejected") else "")
+            + (f"  eta {format_duration(eta)}" if eta is not None else "")
         )
+        if self.progress_bar is None:
+            print(line, flush=True)
+        else:
+            self.progress_bar.write(line)
+            self.progress_bar.update(record["round"] - self.progress_bar.n)
+
+    def eta_seconds(self, server_round: int) -> float | None:
+        """Seconds left if the remaining rounds take as long as this launch's rounds so far."""
+        done = server_round - self.launch_round
+        if done <= 0:
+            return None
+        return (time.perf_counter() - self.launched) / done * (self.total_rounds - server_round)
+
+    def close(self) -> None:
+        if self.progress_bar is not None:
+            self.progress_bar.close()
+        if self.tensorboard:
+            self.tensorboard.close()
 
 
 def write_summary(out_dir: Path, summary: dict[str, Any]) -> Path:
@@ -168,8 +192,7 @@ def finish_run(out_dir: Path, algorithm: str, cfg: Any, run_log: RunLog, *, comp
         "config": cfg.to_dict(),
     }
     write_summary(out_dir, summary)
-    if run_log.tensorboard:
-        run_log.tensorboard.close()
+    run_log.close()
     plot_loss_vs_tokens(out_dir, run_log.records,
                         f"{algorithm}: {cfg.model}, M={cfg.num_clients}, H={cfg.inner_steps}",
                         summary.get("unigram_entropy"))

@@ -223,6 +223,8 @@ def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> d
     out_dir = Path(cfg.out_dir)
     log(INFO, "fl-diloco %s: writing to %s", cfg.algorithm, out_dir)
     # Building the corpus here first also fills the tokenizer/token cache the workers read.
+    log(INFO, "loading the corpus (data_source=%s; a source's first run also trains its tokenizer)",
+        cfg.data_source)
     corpus = load_corpus(cfg.data_config())
     check_partitions(corpus, cfg)
     validation = corpus.validation_sequences()[: cfg.eval_sequences]
@@ -247,7 +249,9 @@ def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> d
     strategy.summary()
     setup_began = time.perf_counter()
     worker_state = prepare_content(strategy, cfg, start_round)
+    log(INFO, "starting %d workers: each loads the corpus and builds its model", len(node_ids))
     not_ready = query_workers(grid, node_ids, PREPARE_ACTION, cfg.round_timeout, worker_state)
+    round_began = time.perf_counter()  # the workers train from here on (see the tokens/s below)
     if not_ready:
         raise RuntimeError(f"the workers of nodes {not_ready} could not start; see the log above")
     setup_bytes = serialized_bytes(worker_state) * len(node_ids)
@@ -256,20 +260,25 @@ def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> d
     run_log = RunLog(out_dir, cfg.flower_rounds, continue_after=start_round if resumed else None,
                      tensorboard=cfg.tensorboard)
     if not resumed:
+        log(INFO, "evaluating the initial model on %d held-out sequences", len(validation))
         run_log.log({"round": 0, "outer_step": 0, "tokens_total": 0,
                      "eval_loss": eval_params(strategy.params)})
 
     pipeline = RoundPipeline(grid, strategy, cfg, first_round=start_round + 1)
     pipeline.send_ready_rounds(aggregated_up_to=start_round)
-    round_began = time.perf_counter()
     for server_round in range(start_round + 1, cfg.flower_rounds + 1):
         strategy.aggregate_train(server_round, pipeline.collect(server_round))
+        # tokens/s is the tokens the workers trained for this round over the wall seconds from
+        # the previous round's close (or the workers' start) to this one's: the span of the
+        # round's compute, as the workers train on while the server evaluates. The spans add
+        # up to the run's training time, so the rates average to its throughput.
+        round_closed = time.perf_counter()
+        round_seconds, round_began = round_closed - round_began, round_closed
         pipeline.resync_workers(aggregated_up_to=server_round)
         # Open the next round(s) before evaluating, so evaluation never delays a worker.
         pipeline.send_ready_rounds(aggregated_up_to=server_round)
         stats = strategy.history[-1]
         tokens_total += stats.tokens
-        round_seconds = time.perf_counter() - round_began
         due = server_round % (cfg.eval_every * cfg.num_fragments) == 0 or server_round == cfg.flower_rounds
         run_log.log({
             "round": server_round,
@@ -299,7 +308,6 @@ def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> d
                  "data_positions": {str(p): server_round * cfg.sync_interval
                                     for p in range(cfg.num_clients)}},
                 cfg, model_cfg, keep=cfg.keep_checkpoints)
-        round_began = time.perf_counter()  # so the next round's throughput excludes evaluation
 
     if query_workers(grid, node_ids, SHUTDOWN_ACTION, timeout=60):
         log(INFO, "some workers did not confirm shutdown; they exit at their idle timeout")

@@ -31,6 +31,7 @@ from fl_diloco.config import DEFAULTS, ConfigError, RunConfig, resolve_device
 from fl_diloco.data import Corpus, load_corpus
 from fl_diloco.evaluation import evaluate
 from fl_diloco.model import Transformer, load_parameters, model_config
+from fl_diloco.preflight import check_before_start
 from fl_diloco.reporting import RunLog, compute_utilization, failure_recorded, finish_run, prepare_out_dir
 from strategies.diloco import DiLoCo, RoundStats
 from strategies.wire import serialized_bytes
@@ -212,6 +213,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     resumed = load_training_checkpoint(cfg.resume) if cfg.resume else None
     if resumed:
         cfg = resume_config(cfg, resumed)
+    check_before_start(cfg)  # `flwr run` reaches here without the CLI's checks
     out_dir = prepare_out_dir(cfg)
     with failure_recorded(out_dir):
         # The workers key their node-local state by the run's directory: give them the real one.

@@ -18,13 +18,13 @@ import socket
 import sys
 import textwrap
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 from fl_diloco.atomic import atomic_write
 from fl_diloco.config import DEFAULTS, ConfigError, RunConfig, key_help
-from fl_diloco.report import FAILED_NAME, SWEEP_INDEX_NAME
+from fl_diloco.report import SWEEP_INDEX_NAME
+from fl_diloco.reporting import write_failure
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # Keys whose values are paths: never part of a job directory's name.
@@ -117,6 +117,11 @@ def _plain_values(override: str) -> list[str]:
 
 
 def run_job(cfg: RunConfig) -> dict:
+    from fl_diloco.console import quiet_third_party_output
+    from fl_diloco.preflight import check_before_start
+
+    check_before_start(cfg)  # before anything starts or any directory is made
+    quiet_third_party_output()
     if cfg.algorithm == "dp":
         from fl_diloco.dp_baseline import train_data_parallel
 
@@ -171,11 +176,8 @@ def run_sweep_job(values: dict[str, Any], job_dir: Path, num: int, overrides: li
         # (Ctrl-C, and SIGTERM, which Ray turns into SystemExit, still end it: see _hydra_train.)
         error = f"{type(err).__name__}: {err}"
         outcome = {"status": "failed", "error": error}
-        failure = {"error": error, "traceback": traceback.format_exc(), "overrides": overrides,
-                   "config": values}
-        job_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(job_dir / FAILED_NAME, lambda f: f.write(json.dumps(failure, indent=2).encode()))
-        print(f"== sweep job #{num} FAILED: {error}\n   details in {job_dir / FAILED_NAME}; "
+        failed = write_failure(job_dir, err, overrides=overrides, config=values)
+        print(f"== sweep job #{num} FAILED: {error}\n   details in {failed}; "
               f"going on with the next job", file=sys.stderr, flush=True)
     return {**outcome, "seconds": round(time.perf_counter() - began, 1)}
 
@@ -214,7 +216,8 @@ def print_sweep_status(sweep_dir: Path, jobs: list[dict[str, Any]]) -> None:
 
 def _hydra_train(overrides: list[str], command: list[str]) -> list[dict[str, Any]]:
     """Run Hydra's app on `overrides`; returns the sweep's job entries ([] for a single run).
-    `command` is what the user typed, for sweep.json."""
+    `command` is what the user typed, for sweep.json. A single run's ConfigError is raised
+    after Hydra returns, so that main prints it as one line instead of Hydra's traceback."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -222,13 +225,17 @@ def _hydra_train(overrides: list[str], command: list[str]) -> list[dict[str, Any
 
     jobs: list[dict[str, Any]] = []
     sweep_dirs: list[Path] = []
+    config_errors: list[ConfigError] = []
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
     def train(dict_config: DictConfig) -> None:
         values = OmegaConf.to_container(dict_config, resolve=True)
         hydra_config = HydraConfig.get()
         if hydra_config.mode != RunMode.MULTIRUN:
-            run_job(RunConfig.from_mapping(values))
+            try:
+                run_job(RunConfig.from_mapping(values))
+            except ConfigError as err:
+                config_errors.append(err)
             return
         sweep_dirs.append(Path(hydra_config.sweep.dir).resolve())
         job_dir = Path(hydra_config.runtime.output_dir)
@@ -252,6 +259,8 @@ def _hydra_train(overrides: list[str], command: list[str]) -> list[dict[str, Any
         train()
     finally:
         sys.argv = saved_argv
+    if config_errors:
+        raise config_errors[0]
     if jobs:
         print_sweep_status(sweep_dirs[0], jobs)
     return jobs
@@ -284,10 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         check_overrides(rest)
+        jobs = _hydra_train(name_jobs_by_swept_keys(rest) if is_multirun(rest) else rest, command=rest)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    jobs = _hydra_train(name_jobs_by_swept_keys(rest) if is_multirun(rest) else rest, command=rest)
     # A sweep runs every job, then says by its exit status whether all of them worked.
     return 1 if any(job["status"] != "completed" for job in jobs) else 0
 

@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 
 from clients.channel import WorkerHandle
 from fl_diloco.config import RunConfig
+from fl_diloco.console import quiet_actor_shutdown
 from strategies.protocol import (AGGREGATE_KEY, CONFIG_KEY, METRICS_KEY, MOMENTUM_KEY, NEEDS_STATE_METRIC,
                                 OUTER_GRADIENT_KEY, PARAMS_KEY)
 from strategies.wire import from_array_record, to_array_record
@@ -25,6 +26,10 @@ PREPARE_ACTION = "prepare"
 # The run config the server resolved, sent with every prepare (see server_app.prepare_content).
 RUN_CONFIG_KEY = "run_config"
 SHUTDOWN_ACTION = "shutdown"
+
+# In simulation each Ray actor imports this module to run the ClientApp; Flower's actors log
+# a warning when the simulation ends them, as it always does.
+quiet_actor_shutdown()
 
 
 def train_request_fields(content: RecordDict) -> dict[str, Any]:

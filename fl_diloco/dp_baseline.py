@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,7 +45,7 @@ from fl_diloco.config import RunConfig, resolve_device
 from fl_diloco.data import BatchStream, Corpus, load_corpus
 from fl_diloco.evaluation import evaluate
 from fl_diloco.model import Transformer, model_config, num_parameters
-from fl_diloco.reporting import RunLog, finish_run, prepare_out_dir
+from fl_diloco.reporting import RunLog, failure_recorded, finish_run, prepare_out_dir
 
 FP32_BYTES = 4
 
@@ -94,6 +95,11 @@ def train_data_parallel(cfg: RunConfig) -> dict[str, Any]:
     if cfg.algorithm != "dp":
         cfg = cfg.replace(algorithm="dp")  # config.json and the default out_dir say "dp"
     out_dir = prepare_out_dir(cfg)
+    with failure_recorded(out_dir):
+        return _train_into(out_dir, cfg)
+
+
+def _train_into(out_dir: Path, cfg: RunConfig) -> dict[str, Any]:
     print(f"fl-diloco dp: writing to {out_dir}", flush=True)
     corpus = load_corpus(cfg.data_config())
     validation = corpus.validation_sequences()[: cfg.eval_sequences]

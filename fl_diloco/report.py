@@ -29,10 +29,9 @@ from typing import Any
 
 from fl_diloco.atomic import atomic_write
 from fl_diloco.config import DEFAULTS, RunConfig
-from fl_diloco.reporting import METRICS_NAME, SUMMARY_NAME, format_bytes
+from fl_diloco.reporting import FAILED_NAME, METRICS_NAME, SUMMARY_NAME, format_bytes
 
 SWEEP_INDEX_NAME = "sweep.json"
-FAILED_NAME = "failed.json"
 REPORT_NAME = "report.md"
 TOKENS_PLOT_NAME = "eval_loss_vs_tokens.png"
 H_PLOT_NAME = "eval_loss_vs_H.png"

@@ -3,15 +3,22 @@ summary.json, a final table and a PNG of loss against tokens."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from fl_diloco.atomic import atomic_write
+from fl_diloco.console import format_duration, round_progress_bar
 
 SUMMARY_NAME = "summary.json"
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss_vs_tokens.png"
+FAILED_NAME = "failed.json"
 
 
 def compute_utilization(compute_seconds: float, idle_seconds: float) -> float | None:
@@ -53,6 +60,10 @@ class RunLog:
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
         elapsed = self.records[-1]["wall_seconds"] if self.records else 0.0
         self.started = time.perf_counter() - elapsed
+        # The ETA extrapolates this launch's pace (a resumed run's earlier launches may have
+        # run elsewhere): seconds since it began over the rounds it has logged.
+        self.launched, self.launch_round = time.perf_counter(), continue_after or 0
+        self.progress_bar = round_progress_bar(total_rounds, initial=self.launch_round)
         self.tensorboard = None
         if tensorboard:
             from fl_diloco.tracking import TensorBoardLog
@@ -66,15 +77,34 @@ class RunLog:
             f.write(json.dumps(record) + "\n")
         if self.tensorboard:
             self.tensorboard.log(record)
-        print(
+        eta = self.eta_seconds(record["round"])
+        line = (
             f"[round {record['round']:>3}/{self.total_rounds}] "
             f"train_loss {_fmt(record.get('train_loss'))}  "
             f"eval_loss {_fmt(record.get('eval_loss'))}  "
             f"tokens/s {_fmt(record.get('tokens_per_second'), '.0f')}  "
             f"up {format_bytes(record.get('bytes_up', 0))}  down {format_bytes(record.get('bytes_down', 0))}"
-            + (f"  rejected {record['rejected']}" if record.get("rejected") else ""),
-            flush=True,
+            + (f"  rejected {record['rejected']}" if record.get("rejected") else "")
+            + (f"  eta {format_duration(eta)}" if eta is not None else "")
         )
+        if self.progress_bar is None:
+            print(line, flush=True)
+        else:
+            self.progress_bar.write(line)
+            self.progress_bar.update(record["round"] - self.progress_bar.n)
+
+    def eta_seconds(self, server_round: int) -> float | None:
+        """Seconds left if the remaining rounds take as long as this launch's rounds so far."""
+        done = server_round - self.launch_round
+        if done <= 0:
+            return None
+        return (time.perf_counter() - self.launched) / done * (self.total_rounds - server_round)
+
+    def close(self) -> None:
+        if self.progress_bar is not None:
+            self.progress_bar.close()
+        if self.tensorboard:
+            self.tensorboard.close()
 
 
 def write_summary(out_dir: Path, summary: dict[str, Any]) -> Path:
@@ -162,8 +192,7 @@ def finish_run(out_dir: Path, algorithm: str, cfg: Any, run_log: RunLog, *, comp
         "config": cfg.to_dict(),
     }
     write_summary(out_dir, summary)
-    if run_log.tensorboard:
-        run_log.tensorboard.close()
+    run_log.close()
     plot_loss_vs_tokens(out_dir, run_log.records,
                         f"{algorithm}: {cfg.model}, M={cfg.num_clients}, H={cfg.inner_steps}",
                         summary.get("unigram_entropy"))
@@ -178,8 +207,31 @@ def default_out_dir(algorithm: str) -> str:
 
 
 def prepare_out_dir(cfg: Any) -> Path:
-    """The run's output directory (absolute), with the resolved config written into it."""
+    """The run's output directory (absolute), with the resolved config written into it (and
+    the failed.json of an earlier start that failed, if any, removed)."""
     out_dir = Path(cfg.out_dir or default_out_dir(cfg.algorithm))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    (out_dir / FAILED_NAME).unlink(missing_ok=True)
     return out_dir.resolve()
+
+
+def write_failure(directory: Path, err: BaseException, **context: Any) -> Path:
+    """failed.json: the error, its traceback and `context` (e.g. the config), so a run
+    directory that has no summary.json says why."""
+    failure = {"error": f"{type(err).__name__}: {err}",
+               "traceback": "".join(traceback.format_exception(err)), **context}
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / FAILED_NAME
+    atomic_write(path, lambda f: f.write(json.dumps(failure, indent=2).encode()))
+    return path
+
+
+@contextlib.contextmanager
+def failure_recorded(out_dir: Path) -> Iterator[None]:
+    """A run that fails once its out_dir exists leaves failed.json there, then fails."""
+    try:
+        yield
+    except Exception as err:
+        write_failure(out_dir, err)
+        raise

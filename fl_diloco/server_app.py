@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import Iterator, Mapping
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +31,8 @@ from fl_diloco.config import DEFAULTS, ConfigError, RunConfig, resolve_device
 from fl_diloco.data import Corpus, load_corpus
 from fl_diloco.evaluation import evaluate
 from fl_diloco.model import Transformer, load_parameters, model_config
-from fl_diloco.reporting import RunLog, compute_utilization, finish_run, prepare_out_dir
+from fl_diloco.preflight import check_before_start
+from fl_diloco.reporting import RunLog, compute_utilization, failure_recorded, finish_run, prepare_out_dir
 from strategies.diloco import DiLoCo, RoundStats
 from strategies.wire import serialized_bytes
 
@@ -211,11 +213,20 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     resumed = load_training_checkpoint(cfg.resume) if cfg.resume else None
     if resumed:
         cfg = resume_config(cfg, resumed)
+    check_before_start(cfg)  # `flwr run` reaches here without the CLI's checks
     out_dir = prepare_out_dir(cfg)
-    # The workers key their node-local state by the run's directory: give them the real one.
-    cfg = cfg.replace(out_dir=str(out_dir))
+    with failure_recorded(out_dir):
+        # The workers key their node-local state by the run's directory: give them the real one.
+        return train_rounds(grid, cfg.replace(out_dir=str(out_dir)), resumed)
+
+
+def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> dict[str, Any]:
+    """The run once its out_dir exists: start the workers, run every round, write the results."""
+    out_dir = Path(cfg.out_dir)
     log(INFO, "fl-diloco %s: writing to %s", cfg.algorithm, out_dir)
     # Building the corpus here first also fills the tokenizer/token cache the workers read.
+    log(INFO, "loading the corpus (data_source=%s; a source's first run also trains its tokenizer)",
+        cfg.data_source)
     corpus = load_corpus(cfg.data_config())
     check_partitions(corpus, cfg)
     validation = corpus.validation_sequences()[: cfg.eval_sequences]
@@ -240,7 +251,9 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     strategy.summary()
     setup_began = time.perf_counter()
     worker_state = prepare_content(strategy, cfg, start_round)
+    log(INFO, "starting %d workers: each loads the corpus and builds its model", len(node_ids))
     not_ready = query_workers(grid, node_ids, PREPARE_ACTION, cfg.round_timeout, worker_state)
+    round_began = time.perf_counter()  # the workers train from here on (see the tokens/s below)
     if not_ready:
         raise RuntimeError(f"the workers of nodes {not_ready} could not start; see the log above")
     setup_bytes = serialized_bytes(worker_state) * len(node_ids)
@@ -249,20 +262,25 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     run_log = RunLog(out_dir, cfg.flower_rounds, continue_after=start_round if resumed else None,
                      tensorboard=cfg.tensorboard)
     if not resumed:
+        log(INFO, "evaluating the initial model on %d held-out sequences", len(validation))
         run_log.log({"round": 0, "outer_step": 0, "tokens_total": 0,
                      "eval_loss": eval_params(strategy.params)})
 
     pipeline = RoundPipeline(grid, strategy, cfg, first_round=start_round + 1)
     pipeline.send_ready_rounds(aggregated_up_to=start_round)
-    round_began = time.perf_counter()
     for server_round in range(start_round + 1, cfg.flower_rounds + 1):
         strategy.aggregate_train(server_round, pipeline.collect(server_round))
+        # tokens/s is the tokens the workers trained for this round over the wall seconds from
+        # the previous round's close (or the workers' start) to this one's: the span of the
+        # round's compute, as the workers train on while the server evaluates. The spans add
+        # up to the run's training time, so the rates average to its throughput.
+        round_closed = time.perf_counter()
+        round_seconds, round_began = round_closed - round_began, round_closed
         pipeline.resync_workers(aggregated_up_to=server_round)
         # Open the next round(s) before evaluating, so evaluation never delays a worker.
         pipeline.send_ready_rounds(aggregated_up_to=server_round)
         stats = strategy.history[-1]
         tokens_total += stats.tokens
-        round_seconds = time.perf_counter() - round_began
         due = server_round % (cfg.eval_every * cfg.num_fragments) == 0 or server_round == cfg.flower_rounds
         run_log.log({
             "round": server_round,
@@ -292,7 +310,6 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
                  "data_positions": {str(p): server_round * cfg.sync_interval
                                     for p in range(cfg.num_clients)}},
                 cfg, model_cfg, keep=cfg.keep_checkpoints)
-        round_began = time.perf_counter()  # so the next round's throughput excludes evaluation
 
     if query_workers(grid, node_ids, SHUTDOWN_ACTION, timeout=60):
         log(INFO, "some workers did not confirm shutdown; they exit at their idle timeout")

@@ -15,7 +15,7 @@ from typing import Any
 from clients.channel import VISIBLE_GPUS_ENV
 from fl_diloco.client_app import make_client_app
 from fl_diloco.config import RunConfig
-from fl_diloco.reporting import SUMMARY_NAME, default_out_dir
+from fl_diloco.reporting import FAILED_NAME, SUMMARY_NAME, default_out_dir
 from fl_diloco.server_app import make_server_app
 
 
@@ -49,5 +49,8 @@ def simulate(cfg: RunConfig) -> dict[str, Any]:
     )
     summary_path = Path(cfg.out_dir) / SUMMARY_NAME
     if not summary_path.exists():
-        raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
+        # Flower logs the ServerApp's exception and returns; the server left why in failed.json.
+        failed = Path(cfg.out_dir) / FAILED_NAME
+        why = json.loads(failed.read_text())["error"] if failed.exists() else "see the log above"
+        raise RuntimeError(f"the simulation ended without writing {summary_path}: {why}")
     return json.loads(summary_path.read_text())

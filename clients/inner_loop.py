@@ -4,10 +4,20 @@
 (docs/algorithms.md#flower-constraints): the model, the AdamW state, the position in the
 learning-rate schedule and the data stream. It knows nothing about Flower or sockets, so the same object runs inside the persistent worker
 process, in the data-parallel baseline and in the single-process reference tests.
+
+How a step runs on an accelerator (the `precision`, `micro_batch_size` and `compile` keys):
+the forward and backward passes run under bf16 autocast when the precision is bf16, while the
+weights, their gradients, the AdamW moments and everything outer stay fp32 (autocast casts
+a weight to bf16 for each matmul; the loss's softmax runs in fp32 in the model). A step never
+waits for the device: the batch is copied from pinned memory without blocking, the loss stays
+on the device, and the caller reads the losses once per round (`synchronize` is the one
+explicit wait). Gradients of `batch_size / micro_batch_size` micro-batches add up to the
+full batch's gradient, since each micro-batch's mean loss is scaled by its share.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import time
@@ -18,8 +28,9 @@ import numpy as np
 import torch
 
 from fl_diloco.atomic import atomic_write
-from fl_diloco.config import RunConfig
+from fl_diloco.config import RunConfig, resolve_precision
 from fl_diloco.data import BatchStream
+from fl_diloco.flops import device_peak_flops, model_flops_per_token
 from fl_diloco.model import Transformer, load_parameters
 from strategies.outer_optimizer import Tensors, outer_gradient
 
@@ -39,15 +50,38 @@ def inner_lr_at(step: int, cfg: RunConfig) -> float:
 
 
 def make_inner_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
-    """AdamW (docs/algorithms.md#inner-optimizer); norms and 1-D weights get no weight decay."""
+    """AdamW (docs/algorithms.md#inner-optimizer); norms and 1-D weights get no weight decay.
+
+    On CUDA it is the fused kernel (one launch for every parameter); elsewhere torch's default.
+    """
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay},
          {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.inner_lr,
         betas=(cfg.beta1, cfg.beta2),
+        **fused,
     )
+
+
+def allow_tf32() -> None:
+    """Let CUDA run fp32 matmuls and convolutions on TF32 tensor cores (process-wide)."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
+        matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def autocast(precision: str, device: str) -> contextlib.AbstractContextManager:
+    """The context a forward pass runs in: bf16 autocast, or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr: float,
@@ -79,8 +113,22 @@ class InnerTrainer:
         self.stream = stream
         self.cfg = cfg
         self.device = device
+        self.on_cuda = device.startswith("cuda")
+        if self.on_cuda:
+            allow_tf32()
+        self.precision = resolve_precision(cfg.precision, device)
+        micro_batch_size = cfg.micro_batch_size or stream.batch_size
+        if stream.batch_size % micro_batch_size:
+            raise ValueError(f"micro_batch_size={micro_batch_size} does not divide the batch of "
+                             f"{stream.batch_size} sequences")
+        self.micro_batches = stream.batch_size // micro_batch_size
+        # The compiled module shares `model`'s parameters, so outer updates written into them
+        # reach it without a recompilation; everything else reads `model` itself.
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.optimizer = make_inner_optimizer(self.model, cfg)
         self.step = 0  # inner steps taken so far in the whole run
+        self.flops_per_token = model_flops_per_token(model.cfg, cfg.seq_len)
+        self.peak_flops = device_peak_flops(device, cfg.peak_flops)
 
     def parameters_fp32(self) -> Tensors:
         """A detached fp32 copy of the parameters, on the CPU (what goes on the wire)."""
@@ -108,30 +156,56 @@ class InnerTrainer:
             raise ValueError(f"{path} holds the optimizer at inner step {saved['step']}, not {self.step}")
         self.optimizer.load_state_dict(saved["optimizer"])
 
-    def train_step(self) -> float:
-        """One inner AdamW step; returns the batch loss before the update."""
-        inputs, targets = self.stream.next_batch()
-        inputs, targets = inputs.to(self.device), targets.to(self.device)
-        _, loss = self.model(inputs, targets)
-        loss.backward()
+    def train_step(self) -> torch.Tensor:
+        """One inner AdamW step. Returns the batch's loss before the update as a 0-d tensor
+        on the device: reading it waits for the step, so callers read losses in bulk."""
+        inputs, targets = (self._to_device(t) for t in self.stream.next_batch())
+        n = self.micro_batches
+        if n == 1:
+            loss = self._forward_backward(inputs, targets, 1)
+        else:
+            loss = torch.stack([self._forward_backward(x, y, n)
+                                for x, y in zip(inputs.chunk(n), targets.chunk(n))]).mean()
         clip_and_step(self.model, self.optimizer, inner_lr_at(self.step, self.cfg),
                       self.cfg.grad_clip)
         self.step += 1
-        return loss.item()
+        return loss
+
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.on_cuda:  # from page-locked memory the copy can overlap the running step
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch.to(self.device)
+
+    def _forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor,
+                          micro_batches: int) -> torch.Tensor:
+        """Add this (micro-)batch's share of the step's gradient to `.grad`; return its loss."""
+        with autocast(self.precision, self.device):
+            _, loss = self.forward(inputs, targets)
+        (loss if micro_batches == 1 else loss / micro_batches).backward()
+        return loss.detach()
+
+    def synchronize(self) -> None:
+        """Wait until the device has finished every step queued so far."""
+        if self.on_cuda:
+            torch.cuda.synchronize(self.device)
 
     def run_phase(self, num_steps: int) -> PhaseResult:
         """Run `num_steps` inner steps from the current parameters and return Δ = start − end."""
         start = self.parameters_fp32()
         began = time.perf_counter()
         self.model.train()
-        losses = [self.train_step() for _ in range(num_steps)]
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        losses = torch.stack([self.train_step() for _ in range(num_steps)])
+        self.synchronize()
         seconds = time.perf_counter() - began
         tokens = num_steps * self.stream.batch_size * self.cfg.seq_len
         return PhaseResult(
             outer_gradient=outer_gradient(start, self.parameters_fp32()),
-            train_loss=float(np.mean(losses)),
+            train_loss=mean_loss(losses),
             tokens=tokens,
             compute_seconds=seconds,
         )
+
+
+def mean_loss(losses: torch.Tensor) -> float:
+    """The mean of a phase's step losses, read from the device in one transfer."""
+    return losses.double().mean().item()

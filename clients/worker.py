@@ -40,9 +40,10 @@ import numpy as np
 import torch
 
 from clients.fragment import Fragment
-from clients.inner_loop import InnerTrainer
+from clients.inner_loop import InnerTrainer, mean_loss
 from fl_diloco.config import RunConfig, resolve_device
 from fl_diloco.data import BatchStream, Corpus, load_corpus
+from fl_diloco.flops import mfu
 from fl_diloco.model import Transformer, model_config
 from strategies.codecs import decode_tensors, encode_tensors
 from strategies.fragments import fragment_names, round_fragment, stale_round
@@ -88,10 +89,13 @@ class WorkerStopped(RuntimeError):
 
 
 class _RoundMeter:
-    """Losses, compute and idle seconds of the inner steps since the last sync."""
+    """Losses, compute and idle seconds of the inner steps since the last sync.
+
+    The losses stay on the trainer's device until the round's reply reads them all at once.
+    """
 
     def __init__(self) -> None:
-        self.losses: list[float] = []
+        self.losses: list[torch.Tensor] = []
         self.compute_seconds = 0.0
         self.idle_seconds = 0.0
 
@@ -313,21 +317,32 @@ class Worker:
             return 0.0
         return 1.0 / (participants or self.partition[1])
 
+    def _finish_queued_steps(self, meter: _RoundMeter) -> None:
+        """Wait for the steps the device still has queued (CUDA runs them asynchronously);
+        that wait is compute time."""
+        began = time.perf_counter()
+        self.trainer.synchronize()
+        meter.compute_seconds += time.perf_counter() - began
+
     def _send(self, server_round: int, fragment: Fragment, meter: _RoundMeter) -> dict[str, np.ndarray]:
         """Post round r's reply; returns the encoded outer gradient it carries."""
-        cfg = self.cfg
-        wire = encode_tensors(fragment.outer_gradient(self.trainer.model), cfg.wire_precision)
-        reply = {
-            "outer_gradient": wire,
-            "metrics": {
-                "train_loss": float(np.mean(meter.losses)),
-                "tokens": len(meter.losses) * self.trainer.stream.batch_size * cfg.seq_len,
-                "compute_seconds": meter.compute_seconds,
-                "idle_seconds": meter.idle_seconds,
-                "inner_step": self.trainer.step,
-                "partition_id": self.partition[0],
-            },
+        cfg, trainer = self.cfg, self.trainer
+        self._finish_queued_steps(meter)
+        wire = encode_tensors(fragment.outer_gradient(trainer.model), cfg.wire_precision)
+        tokens = len(meter.losses) * trainer.stream.batch_size * cfg.seq_len
+        tokens_per_second = tokens / meter.compute_seconds
+        metrics = {
+            "train_loss": mean_loss(torch.stack(meter.losses)),
+            "tokens": tokens,
+            "compute_seconds": meter.compute_seconds,
+            "idle_seconds": meter.idle_seconds,
+            "inner_step": trainer.step,
+            "partition_id": self.partition[0],
+            "tokens_per_second": tokens_per_second,
         }
+        if trainer.peak_flops.flops:  # Flower's metrics carry numbers only, never None
+            metrics["mfu"] = mfu(tokens_per_second, trainer.flops_per_token, trainer.peak_flops.flops)
+        reply = {"outer_gradient": wire, "metrics": metrics}
         with self._state:
             self._replies[server_round] = reply
             self._state.notify_all()
@@ -339,6 +354,10 @@ class Worker:
         and its participant count; the wait counts as idle."""
         if server_round <= 0:
             return zeros_like(fragment.outer.params), False, 0
+        with self._state:
+            arrived = server_round in self._averages
+        if not arrived:
+            self._finish_queued_steps(meter)  # or the device's backlog would count as idle
         began = time.perf_counter()
         with self._state:
             while server_round not in self._averages:

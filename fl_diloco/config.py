@@ -23,6 +23,8 @@ WEIGHTINGS = ("uniform", "tokens")
 # The algorithms that apply an average `delay` outer steps late instead of waiting for it.
 LATE_ALGORITHMS = ("delayed", "eager")
 DEVICES = ("auto", "cpu", "cuda")
+# What the inner loop's forward/backward computes in (master weights and optimizer states stay fp32).
+PRECISIONS = ("auto", "bf16", "fp32")
 # What one document of a .txt source is (fl_diloco.data.DataConfig.document_unit), and what
 # to do with bytes that are not UTF-8 (Python's `errors=` names).
 DOCUMENT_UNITS = ("file", "paragraph")
@@ -49,6 +51,9 @@ class RunConfig:
     vocab_size: int = 4096
     seq_len: int = 128
     batch_size: int = 8
+    # Sequences per forward/backward; an inner step accumulates batch_size / micro_batch_size
+    # of them (0 = the whole batch at once).
+    micro_batch_size: int = 0
     val_fraction: float = 0.05
     max_documents: int = 0  # 0 = use every document
     # A .txt file is one document (the unit of the train/validation split) unless "paragraph".
@@ -104,6 +109,10 @@ class RunConfig:
 
     # Runtime.
     device: str = "auto"
+    # auto = bf16 autocast on a CUDA device that has it, else fp32 (clients/inner_loop.py).
+    precision: str = "auto"
+    compile: bool = False  # torch.compile the worker's model
+    peak_flops: float = 0.0  # one worker's peak FLOP/s for MFU (0 = fl_diloco.flops' table)
     threads_per_worker: int = 0  # 0 = share the machine's cores among the workers
     round_timeout: float = 600.0
     node_wait_timeout: float = 120.0
@@ -149,6 +158,7 @@ class RunConfig:
         _choice("fragment_pattern", self.fragment_pattern, FRAGMENT_PATTERNS)
         _choice("wire_precision", self.wire_precision, WIRE_PRECISIONS)
         _choice("device", self.device.split(":")[0], DEVICES)
+        _choice("precision", self.precision, PRECISIONS)
         _choice("document_unit", self.document_unit, DOCUMENT_UNITS)
         _choice("encoding_errors", self.encoding_errors, ENCODING_ERRORS)
         from fl_diloco.model import PRESETS  # local import: keeps config importable alone
@@ -162,8 +172,14 @@ class RunConfig:
                     "batch_size", "eval_every", "eval_sequences"):
             _at_least(key, getattr(self, key), 1)
         for key in ("warmup_steps", "max_documents", "threads_per_worker", "checkpoint_every",
-                    "max_reply_bytes"):
+                    "max_reply_bytes", "micro_batch_size"):
             _at_least(key, getattr(self, key), 0)
+        if self.micro_batch_size and (self.micro_batch_size > self.batch_size
+                                      or self.batch_size % self.micro_batch_size):
+            raise ConfigError(f"micro_batch_size={self.micro_batch_size} must divide "
+                              f"batch_size={self.batch_size} (or be 0 for the whole batch)")
+        if self.peak_flops < 0:
+            raise ConfigError(f"peak_flops must be >= 0 (0 = look the device up), got {self.peak_flops}")
         _at_least("vocab_size", self.vocab_size, 257)  # byte-level BPE needs the 256 bytes
         for key in ("inner_lr", "outer_lr", "round_timeout", "node_wait_timeout",
                     "worker_idle_timeout"):
@@ -317,6 +333,9 @@ def key_help() -> dict[str, tuple[str, str]]:
         "vocab_size": ("byte-level BPE vocabulary, trained on the training documents", ">= 257"),
         "seq_len": ("tokens per training sequence", ">= 1"),
         "batch_size": ("sequences per worker per inner step", ">= 1"),
+        "micro_batch_size": ("sequences per forward/backward: each inner step accumulates the "
+                             "gradients of batch_size / micro_batch_size of them (0 = the whole "
+                             "batch at once)", "0, or a divisor of batch_size"),
         "val_fraction": ("share of the documents held out for evaluation (no worker trains on "
                          "them)", "0 < x < 0.5"),
         "max_documents": ("use only the first N documents of the source (0 = all)", ">= 0"),
@@ -370,6 +389,13 @@ def key_help() -> dict[str, tuple[str, str]]:
                             "needs, plus 64 KiB)", ">= 0"),
         "device": ("where the workers train: auto = CUDA when present, else CPU",
                    "auto | cpu | cuda | cuda:N"),
+        "precision": ("what the inner forward/backward computes in: auto = bf16 autocast on a "
+                      "CUDA device that supports it, else fp32; weights, AdamW and the outer "
+                      "state stay fp32", one_of(PRECISIONS)),
+        "compile": ("torch.compile the worker's model (a first step that compiles for a while, "
+                    "then faster steps)", "true | false"),
+        "peak_flops": ("one worker's peak FLOP/s, for MFU (0 = the table of known GPUs in "
+                       "fl_diloco/flops.py; CPUs have none)", ">= 0"),
         "threads_per_worker": ("torch CPU threads per worker (0 = the machine's cores / "
                                "num_clients)", ">= 0"),
         "round_timeout": ("seconds a round waits for replies after the previous one closed; "
@@ -423,6 +449,17 @@ def _at_least(key: str, value: int, minimum: int) -> None:
 def staleness(algorithm: str, delay: int) -> int:
     """d: how many outer steps old the average applied at a sync is (0: diloco waits for it)."""
     return delay if algorithm in LATE_ALGORITHMS else 0
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """Map `auto` to bf16 on a CUDA device that supports it, else fp32."""
+    import torch
+
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
 
 
 def resolve_device(device: str) -> str:

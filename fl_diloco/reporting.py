@@ -27,6 +27,26 @@ def compute_utilization(compute_seconds: float, idle_seconds: float) -> float | 
     return compute_seconds / busy if busy > 0 else None
 
 
+NO_MFU_NOTE = ("no worker reported an MFU: a CPU has no known peak FLOP/s, nor has a GPU "
+               "missing from the table in fl_diloco/flops.py; set peak_flops to get one")
+
+
+def throughput(rows: list[dict[str, Any]]) -> tuple[float | None, float | None]:
+    """Tokens/s per worker and MFU over `rows` (one worker's rounds, one round's workers, or
+    a run's rounds), each with its tokens, compute_seconds and, where known, mfu.
+
+    Tokens/s is all the tokens over all the compute seconds; MFU is the time-weighted mean of
+    the rows' MFU (model FLOPs done over peak FLOPs available), None unless every row has one.
+    """
+    seconds = sum(float(r["compute_seconds"]) for r in rows)
+    if not rows or seconds <= 0:
+        return None, None
+    tokens_per_second = sum(float(r["tokens"]) for r in rows) / seconds
+    if any(r.get("mfu") is None for r in rows):
+        return tokens_per_second, None
+    return tokens_per_second, sum(r["mfu"] * float(r["compute_seconds"]) for r in rows) / seconds
+
+
 def format_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1000:
@@ -83,7 +103,9 @@ class RunLog:
             f"train_loss {_fmt(record.get('train_loss'))}  "
             f"eval_loss {_fmt(record.get('eval_loss'))}  "
             f"tokens/s {_fmt(record.get('tokens_per_second'), '.0f')}  "
-            f"up {format_bytes(record.get('bytes_up', 0))}  down {format_bytes(record.get('bytes_down', 0))}"
+            f"per worker {_fmt(record.get('tokens_per_second_per_worker'), '.0f')}  "
+            + (f"mfu {record['mfu']:.1%}  " if record.get("mfu") is not None else "")
+            + f"up {format_bytes(record.get('bytes_up', 0))}  down {format_bytes(record.get('bytes_down', 0))}"
             + (f"  rejected {record['rejected']}" if record.get("rejected") else "")
             + (f"  eta {format_duration(eta)}" if eta is not None else "")
         )
@@ -124,6 +146,8 @@ def print_summary_table(summary: dict[str, Any]) -> None:
         ("wall seconds", _fmt(summary["wall_seconds"], ".1f")),
         ("compute / idle seconds (all workers)",
          f"{_fmt(summary['compute_seconds'], '.1f')} / {_fmt(summary['idle_seconds'], '.1f')}"),
+        ("tokens/s per worker (computing)", _fmt(summary.get("tokens_per_second_per_worker"), ".0f")),
+        ("MFU", _fmt(summary.get("mfu"), ".1%")),
         ("bytes up / down", f"{format_bytes(summary['bytes_up'])} / {format_bytes(summary['bytes_down'])}"),
     ]
     width = max(len(k) for k, _ in rows)
@@ -170,6 +194,7 @@ def finish_run(out_dir: Path, algorithm: str, cfg: Any, run_log: RunLog, *, comp
     """
     evals = [r for r in run_log.records if r.get("eval_loss") is not None]
     wall = time.perf_counter() - run_log.started
+    tokens_per_second, run_mfu = throughput([r for r in run_log.records if r.get("compute_seconds")])
     summary = {
         "algorithm": algorithm,
         "num_clients": cfg.num_clients,
@@ -183,6 +208,10 @@ def finish_run(out_dir: Path, algorithm: str, cfg: Any, run_log: RunLog, *, comp
         "idle_seconds": idle_seconds,
         # Compute utilization: the workers' computing time over the time they existed for.
         "compute_utilization": compute_utilization(compute_seconds, idle_seconds),
+        # What one worker's device achieves while it computes (fl_diloco/flops.py for MFU).
+        "tokens_per_second_per_worker": tokens_per_second,
+        "mfu": run_mfu,
+        **({} if run_mfu is not None else {"mfu_note": NO_MFU_NOTE}),
         "bytes_up": bytes_up,
         "bytes_down": bytes_down,
         "out_dir": str(out_dir),

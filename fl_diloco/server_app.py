@@ -30,9 +30,11 @@ from fl_diloco.client_app import PREPARE_ACTION, RUN_CONFIG_KEY, SHUTDOWN_ACTION
 from fl_diloco.config import DEFAULTS, ConfigError, RunConfig, resolve_device
 from fl_diloco.data import Corpus, load_corpus
 from fl_diloco.evaluation import evaluate
+from fl_diloco.flops import model_flops_per_token
 from fl_diloco.model import Transformer, load_parameters, model_config
 from fl_diloco.preflight import check_before_start
-from fl_diloco.reporting import RunLog, compute_utilization, failure_recorded, finish_run, prepare_out_dir
+from fl_diloco.reporting import (RunLog, compute_utilization, failure_recorded, finish_run, prepare_out_dir,
+                                 throughput)
 from strategies.diloco import DiLoCo, RoundStats
 from strategies.wire import serialized_bytes
 
@@ -281,6 +283,7 @@ def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> d
         pipeline.send_ready_rounds(aggregated_up_to=server_round)
         stats = strategy.history[-1]
         tokens_total += stats.tokens
+        tokens_per_second_per_worker, round_mfu = throughput(stats.per_client)
         due = server_round % (cfg.eval_every * cfg.num_fragments) == 0 or server_round == cfg.flower_rounds
         run_log.log({
             "round": server_round,
@@ -291,6 +294,8 @@ def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> d
             "tokens": stats.tokens,
             "tokens_total": tokens_total,
             "tokens_per_second": stats.tokens / round_seconds,
+            "tokens_per_second_per_worker": tokens_per_second_per_worker,
+            "mfu": round_mfu,
             "participants": stats.participants,
             "rejected": stats.rejected,
             "compute_seconds": stats.compute_seconds,
@@ -328,6 +333,7 @@ def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> d
                "setup_bytes_down": setup_bytes,
                "worker_setup_seconds": run_log.started - setup_began,
                "num_parameters": sum(p.numel() for p in model.parameters()),
+               "flops_per_token": model_flops_per_token(model_cfg, cfg.seq_len),
                "rejected_replies": sum(s.rejected for s in history),
                "workers": worker_utilization(history)},
     )
@@ -342,17 +348,21 @@ EVALUATED_PARAMETERS = {
 
 
 def worker_utilization(history: list[RoundStats]) -> list[dict[str, Any]]:
-    """Per worker: compute and idle seconds over the run, and compute utilization."""
-    totals: dict[int, dict[str, float]] = {}
+    """Per worker: compute and idle seconds over the run, compute utilization, tokens/s
+    while computing and MFU."""
+    rounds: dict[int, list[dict[str, Any]]] = {}
     for stats in history:
         for client in stats.per_client:
-            row = totals.setdefault(int(client["partition_id"]), {"compute_seconds": 0.0,
-                                                                  "idle_seconds": 0.0})
-            row["compute_seconds"] += float(client["compute_seconds"])
-            row["idle_seconds"] += float(client["idle_seconds"])
-    return [{"partition_id": p, **row,
-             "compute_utilization": compute_utilization(row["compute_seconds"], row["idle_seconds"])}
-            for p, row in sorted(totals.items())]
+            rounds.setdefault(int(client["partition_id"]), []).append(client)
+    rows = []
+    for partition, clients in sorted(rounds.items()):
+        compute = sum(float(c["compute_seconds"]) for c in clients)
+        idle = sum(float(c["idle_seconds"]) for c in clients)
+        tokens_per_second, worker_mfu = throughput(clients)
+        rows.append({"partition_id": partition, "compute_seconds": compute, "idle_seconds": idle,
+                     "compute_utilization": compute_utilization(compute, idle),
+                     "tokens_per_second": tokens_per_second, "mfu": worker_mfu})
+    return rows
 
 
 def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:

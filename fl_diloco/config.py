@@ -24,7 +24,7 @@ WEIGHTINGS = ("uniform", "tokens")
 LATE_ALGORITHMS = ("delayed", "eager")
 DEVICES = ("auto", "cpu", "cuda")
 # What the inner loop's forward/backward computes in (master weights and optimizer states stay fp32).
-PRECISIONS = ("auto", "bf16", "fp32")
+COMPUTE_PRECISIONS = ("auto", "bf16", "fp32")
 # What one document of a .txt source is (fl_diloco.data.DataConfig.document_unit), and what
 # to do with bytes that are not UTF-8 (Python's `errors=` names).
 DOCUMENT_UNITS = ("file", "paragraph")
@@ -158,7 +158,7 @@ class RunConfig:
         _choice("fragment_pattern", self.fragment_pattern, FRAGMENT_PATTERNS)
         _choice("wire_precision", self.wire_precision, WIRE_PRECISIONS)
         _choice("device", self.device.split(":")[0], DEVICES)
-        _choice("precision", self.precision, PRECISIONS)
+        _choice("precision", self.precision, COMPUTE_PRECISIONS)
         _choice("document_unit", self.document_unit, DOCUMENT_UNITS)
         _choice("encoding_errors", self.encoding_errors, ENCODING_ERRORS)
         from fl_diloco.model import PRESETS  # local import: keeps config importable alone
@@ -391,7 +391,7 @@ def key_help() -> dict[str, tuple[str, str]]:
                    "auto | cpu | cuda | cuda:N"),
         "precision": ("what the inner forward/backward computes in: auto = bf16 autocast on a "
                       "CUDA device that supports it, else fp32; weights, AdamW and the outer "
-                      "state stay fp32", one_of(PRECISIONS)),
+                      "state stay fp32", one_of(COMPUTE_PRECISIONS)),
         "compile": ("torch.compile the worker's model (a first step that compiles for a while, "
                     "then faster steps)", "true | false"),
         "peak_flops": ("one worker's peak FLOP/s, for MFU (0 = the table of known GPUs in "

@@ -12,6 +12,7 @@ Read top to bottom:
 
     bits_per_value()          -- bits one value costs on the wire (fp4 block scales included)
     step_time_from_flops()    -- 6·N·tokens / (MFU · peak FLOP/s)
+    step_time_from_run()      -- T as a run measured it (its summary.json)
     Workload                  -- the model, the run and the wire (validated on construction)
     workload_from_preset()    -- a Workload for fl_diloco.model.PRESETS[name]
     Method, parse_method()    -- "dp", "diloco", "streaming", "-inner<τ>", "-eager<d>"
@@ -148,14 +149,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from fl_diloco.config import FRAGMENT_PATTERNS
+from fl_diloco.config import FRAGMENT_PATTERNS, MODEL_ALIASES
 from fl_diloco.config import WIRE_PRECISIONS as PRECISIONS
+from fl_diloco.flops import TRAINING_FLOPS_PER_PARAM
 from fl_diloco.reporting import format_bytes
 from strategies.codecs import FP4_BLOCK_SIZE
 from strategies.fragments import fragment_blocks
@@ -176,6 +180,7 @@ __all__ = [
     "plot_cu_vs_bandwidth",
     "predict",
     "step_time_from_flops",
+    "step_time_from_run",
     "sync_hops",
     "traffic_per_sync",
     "workload_from_preset",
@@ -224,7 +229,22 @@ def step_time_from_flops(params: float, tokens_per_step: float, mfu: float,
     _require(tokens_per_step > 0, "tokens_per_step", "must be > 0", tokens_per_step)
     _require(0 < mfu <= 1, "mfu", "must be in (0, 1]", mfu)
     _require(peak_flops > 0, "peak_flops", "must be > 0", peak_flops)
-    return 6.0 * params * tokens_per_step / (mfu * peak_flops)
+    return TRAINING_FLOPS_PER_PARAM * params * tokens_per_step / (mfu * peak_flops)
+
+
+def step_time_from_run(run_dir: str) -> tuple[float, dict]:
+    """T measured by a finished run, and the run's config: one worker's tokens per inner step
+    (batch_size · seq_len) over the tokens/s a worker reached while computing (summary.json)."""
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        raise ValueError(f"--from-run: {path} does not exist; give the out_dir of a finished run")
+    summary = json.loads(path.read_text())
+    rate = summary.get("tokens_per_second_per_worker")
+    if not rate:
+        raise ValueError(f"--from-run: {path} has no tokens_per_second_per_worker (a run from an "
+                         f"older fl-diloco); give --step-time instead")
+    config = summary["config"]
+    return config["batch_size"] * config["seq_len"] / rate, config
 
 
 def _require(ok: bool, name: str, what: str, value: object) -> None:
@@ -653,6 +673,9 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tokens-per-step", type=_POS_FLOAT, help="tokens per inner step")
     t.add_argument("--mfu", type=_POS_FLOAT, help="model FLOPs utilization in (0, 1]")
     t.add_argument("--peak-flops", type=_POS_FLOAT, help="peak FLOP/s of one worker")
+    t.add_argument("--from-run", metavar="RUN_DIR",
+                   help="the step time a run measured (its summary.json), and its model "
+                        "unless --model or --params is given")
     r = p.add_argument_group("run")
     r.add_argument("--workers", type=_POS_INT, default=2, help="M sites (default 2)")
     r.add_argument("--inner-steps", type=_POS_INT, default=100, help="H (default 100)")
@@ -690,6 +713,14 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _workload_from_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> Workload:
+    run_vocab = None  # a run's own vocabulary, for its preset's exact parameter count
+    if a.from_run is not None:
+        if any(x is not None for x in (a.step_time, a.tokens_per_step, a.mfu, a.peak_flops)):
+            p.error("--from-run excludes --step-time/--tokens-per-step/--mfu/--peak-flops")
+        a.step_time, run_config = step_time_from_run(a.from_run)
+        if a.model is None and a.params is None:
+            a.model = MODEL_ALIASES.get(run_config["model"], run_config["model"])
+            run_vocab = run_config["vocab_size"]
     if (a.model is None) == (a.params is None):
         p.error("give either --model PRESET or --params N with --layers L")
     if a.params is not None and a.layers is None:
@@ -709,7 +740,7 @@ def _workload_from_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> Wo
     if a.model is not None:
         from fl_diloco.model import count_parameters, model_config
 
-        cfg = model_config(a.model)
+        cfg = model_config(a.model, vocab_size=run_vocab)
         params, layers = float(count_parameters(cfg)), cfg.n_layers
     else:
         params, layers = a.params, a.layers
@@ -730,7 +761,7 @@ def _workload_from_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> Wo
               "grad_precision": a.dp_precision, "fragment_pattern": a.fragment_pattern,
               "topology": a.topology, "server_bandwidth_gbps": a.server_bandwidth}
     if a.model is not None:
-        return workload_from_preset(a.model, **common)
+        return workload_from_preset(a.model, vocab_size=run_vocab, **common)
     return Workload(params=params, layers=layers, non_block_params=a.non_block_params, **common)
 
 

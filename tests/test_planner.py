@@ -4,6 +4,7 @@ check that it still matches the eager paper's 1B cells it matches today."""
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import pytest
@@ -157,6 +158,20 @@ def test_cli_sync_overhead_is_latency_over_the_hops(capsys):
     assert "3.5 s per-sync overhead / 2 hops" in with_overhead
     assert main(["--params", "1e9", "--layers", "24", "--step-time", "0.1", "--workers", "1",
                  "--sync-overhead", "1"]) == 2
+
+
+def test_cli_takes_the_step_time_and_model_from_a_run(tmp_path, capsys):
+    # One worker trained 8 × 128 tokens per step at 2048 tokens/s: T = 0.5 s.
+    summary = {"tokens_per_second_per_worker": 2048.0,
+               "config": {"model": "tiny", "vocab_size": 4096, "batch_size": 8, "seq_len": 128}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert main(["--from-run", str(tmp_path), "--methods", "diloco"]) == 0
+    described = capsys.readouterr().out
+    assert "T = 0.5 s/step" in described and "N = 1,475,200 params" in described  # tiny = tiny-1m
+    assert main(["--from-run", str(tmp_path), "--step-time", "1"]) == 2
+    assert "--from-run excludes" in capsys.readouterr().err
+    assert main(["--from-run", str(tmp_path / "missing")]) == 2
+    assert "summary.json does not exist" in capsys.readouterr().err
 
 
 def test_preset_vocabulary_override_changes_the_embedding_only():

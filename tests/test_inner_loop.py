@@ -2,6 +2,7 @@
 equal to the full batch, no host synchronisation per step, torch.compile without
 recompilation across outer updates, and the FLOPs/MFU accounting."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from fl_diloco.config import ConfigError, resolve_precision
 from fl_diloco.flops import PeakFlops, device_peak_flops, matmul_parameters, model_flops_per_token
 from fl_diloco.model import Transformer, model_config
 from fl_diloco.reporting import throughput
-from tests.conftest import small_config
+from tests.conftest import load_bench, small_config
 from tests.in_process import run_in_process
 from tests.tolerance import assert_same_trajectory
 
@@ -201,3 +202,13 @@ def test_cuda_step_is_bf16_fused_and_matches_the_cpu_loss(tmp_path):
     assert losses.is_cuda and next(trainer.model.parameters()).dtype == torch.float32
     torch.testing.assert_close(losses.cpu(), cpu_losses, rtol=0.02, atol=0)
     assert trainer.peak_flops.source  # a known GPU has a figure, an unknown one says why
+
+
+def test_throughput_bench_runs_both_loops_and_ends_with_its_json(capsys):
+    bench = load_bench("inner_loop_throughput")
+    result = bench.main(["--model", "tiny", "--batch-size", "2", "--micro-batch-size", "1",
+                         "--seq-len", "16", "--steps", "2", "--reps", "2", "--warmup", "1"])
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last_line) == result
+    assert set(result["tokens_per_second"]) == {"inner_trainer", "plain"}
+    assert result["ratio"] > 0 and result["mfu"] is None  # a CPU has no peak FLOP/s

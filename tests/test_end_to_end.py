@@ -8,6 +8,7 @@ from fl_diloco.checkpoint import load_checkpoint
 from fl_diloco.config import ConfigError
 from fl_diloco.data import load_corpus
 from fl_diloco.evaluation import evaluate
+from fl_diloco.flops import model_flops_per_token
 from fl_diloco.server_app import check_partitions
 from fl_diloco.simulation import simulate
 from tests.conftest import small_config
@@ -34,11 +35,18 @@ def test_simulation_trains_and_writes_its_outputs(tmp_path):
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [0, 1, 2, 3]
     assert all(r["participants"] == 2 for r in records[1:])
+    # Throughput while computing, per worker; no MFU on a CPU, and the summary says why.
+    assert all(r["tokens_per_second_per_worker"] > 0 and r["mfu"] is None for r in records[1:])
+    assert summary["tokens_per_second_per_worker"] == pytest.approx(
+        summary["tokens"] / summary["compute_seconds"])
+    assert summary["mfu"] is None and "peak_flops" in summary["mfu_note"]
+    assert all(w["tokens_per_second"] > 0 for w in summary["workers"])
     assert (out_dir / "loss_vs_tokens.png").stat().st_size > 0
 
     # The checkpoint loads through the documented function and is the evaluated model.
     model, run_config = load_checkpoint(out_dir / "checkpoint")
     assert run_config == cfg
+    assert summary["flops_per_token"] == model_flops_per_token(model.cfg, cfg.seq_len)
     corpus = load_corpus(cfg.data_config())
     loss = evaluate(model, corpus.validation_sequences()[: cfg.eval_sequences], cfg.batch_size, "cpu")
     assert loss["eval_loss"] == pytest.approx(summary["final_eval_loss"], abs=1e-5)

@@ -18,7 +18,7 @@ def test_a_short_run_redirected_to_a_file_prints_only_its_own_lines(tmp_path):
     words = "the of and to a in that is was he for it with as his on be at by had".split()
     (tmp_path / "corpus.txt").write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(60))
                                                      for _ in range(300)))
-    cfg = small_config(tmp_path, rounds=2, vocab_size=300, max_documents=0,
+    cfg = small_config(tmp_path, rounds=2, vocab_size=300, max_documents=0, document_unit="paragraph",
                        data_source=str(tmp_path / "corpus.txt"))
     overrides = [f"{key}={value}" for key, value in cfg.to_dict().items() if value != ""]
     log = tmp_path / "out.log"

@@ -1,0 +1,65 @@
+"""The runtime folder and the worker processes in it: no other local user can redirect where a
+node writes, and workers of a run nobody drives any more leave when a new run starts."""
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from clients.channel import KEY_NAME, WorkerError, WorkerHandle, runtime_root
+
+SPARE_UID = 65534  # "nobody" on most systems: a uid that is not ours
+
+
+@pytest.fixture
+def runtime_dir(tmp_path, monkeypatch):
+    path = tmp_path / "runtime"
+    monkeypatch.setenv("FL_DILOCO_RUNTIME_DIR", str(path))
+    return path
+
+
+def test_a_planted_symlink_is_refused_and_its_target_left_alone(runtime_dir, tmp_path):
+    # Another user plants `ln -s <a directory of root's> $TMPDIR/fl-diloco-0`: root must
+    # neither change that directory's mode nor write a key into it.
+    target = tmp_path / "someone-elses-dir"
+    target.mkdir(mode=0o755)
+    target.chmod(0o755)
+    runtime_dir.symlink_to(target)
+    if os.getuid() == 0:
+        os.lchown(runtime_dir, SPARE_UID, SPARE_UID)
+    with pytest.raises(WorkerError, match="symbolic link.*refusing to use it.*FL_DILOCO_RUNTIME_DIR"):
+        WorkerHandle(run_id=1, node_id=1)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755
+    assert list(target.iterdir()) == []
+
+
+def test_a_planted_symlink_inside_the_root_is_refused_too(runtime_dir, tmp_path):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    runtime_root()
+    (runtime_dir / "run1-node1").symlink_to(target)
+    with pytest.raises(WorkerError, match="symbolic link"):
+        WorkerHandle(run_id=1, node_id=1)
+    assert not (target / KEY_NAME).exists()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to give a folder to another uid")
+def test_a_folder_of_another_user_is_refused_naming_its_owner(runtime_dir):
+    runtime_dir.mkdir(mode=0o700)
+    os.chown(runtime_dir, SPARE_UID, SPARE_UID)
+    with pytest.raises(WorkerError, match=f"belongs to .*uid {SPARE_UID}.*FL_DILOCO_RUNTIME_DIR"):
+        WorkerHandle(run_id=1, node_id=1)
+    assert stat.S_IMODE(runtime_dir.stat().st_mode) == 0o700 and list(runtime_dir.iterdir()) == []
+
+
+def test_a_folder_others_can_write_into_is_refused_and_a_readable_one_tightened(runtime_dir):
+    runtime_dir.mkdir()
+    runtime_dir.chmod(0o777)
+    with pytest.raises(WorkerError, match="writable by other users"):
+        WorkerHandle(run_id=1, node_id=1)
+    runtime_dir.chmod(0o755)
+    handle = WorkerHandle(run_id=1, node_id=1)
+    assert stat.S_IMODE(runtime_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(handle.directory.stat().st_mode) == 0o700

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,9 @@ SOCKET_NAME = "worker.sock"
 KEY_NAME = "authkey"
 LOG_NAME = "worker.log"
 PID_NAME = "worker.pid"
+# A request from a node's adapter to the workers of other runs: "a new run is starting here".
+ANOTHER_RUN = "another_run"
+LOG_TAIL_BYTES = 16384  # enough for the last lines of a log, even with a traceback
 
 
 class WorkerError(RuntimeError):
@@ -57,8 +61,12 @@ def runtime_root() -> Path:
     return _private_dir(path)
 
 
+def run_prefix(run_id: int) -> str:
+    return f"run{run_id}-"
+
+
 def worker_dir_name(run_id: int, node_id: int) -> str:
-    return f"run{run_id}-node{node_id}"
+    return f"{run_prefix(run_id)}node{node_id}"
 
 
 def worker_dir(run_id: int, node_id: int) -> Path:
@@ -115,18 +123,22 @@ def open_private(path: Path, flags: int, mode: int = 0o600) -> int:
     return os.open(path, flags | os.O_NOFOLLOW, mode)
 
 
+def read_key(key_path: Path) -> bytes:
+    """A worker directory's existing key, refused if it is not ours or others can read it."""
+    with os.fdopen(open_private(key_path, os.O_RDONLY), "rb") as f:
+        info = os.fstat(f.fileno())
+        if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+            raise WorkerError(f"{key_path} is readable by others or not yours; delete it and retry")
+        return f.read()
+
+
 def read_or_create_key(directory: Path) -> bytes:
     """The channel's shared secret, created once per worker directory with mode 0600."""
     key_path = directory / KEY_NAME
     try:
         fd = open_private(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     except FileExistsError:
-        fd = open_private(key_path, os.O_RDONLY)
-        with os.fdopen(fd, "rb") as f:
-            info = os.fstat(f.fileno())
-            if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
-                raise WorkerError(f"{key_path} is readable by others or not yours; delete it and retry")
-            return f.read()
+        return read_key(key_path)
     key = secrets.token_bytes(32)
     with os.fdopen(fd, "wb") as f:
         f.write(key)
@@ -143,10 +155,43 @@ def _spawn_lock(directory: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def worker_log_tail(run_id: int, node_id: int, lines: int = 12) -> str | None:
+    """The last lines of a node's worker log where this machine holds it (simulation, or a
+    node on the server's machine); None where it does not."""
+    path = runtime_root_path() / worker_dir_name(run_id, node_id) / LOG_NAME
+    try:
+        f = os.fdopen(open_private(path, os.O_RDONLY), "rb")
+    except OSError:
+        return None
+    with f:
+        f.seek(max(0, os.fstat(f.fileno()).st_size - LOG_TAIL_BYTES))
+        return "\n".join(f.read().decode(errors="replace").splitlines()[-lines:])
+
+
+def tell_other_runs(run_id: int) -> None:
+    """Tell the workers of other runs on this machine that run `run_id` is starting one: each
+    then leaves as soon as its own run has sent it nothing for a while (worker_process), so a
+    run whose server failed or was killed stops holding its memory."""
+    root = runtime_root()
+    for entry in os.scandir(root):
+        socket_path = os.path.join(entry.path, SOCKET_NAME)
+        if (entry.name.startswith(run_prefix(run_id))
+                or not entry.is_dir(follow_symlinks=False) or not os.path.exists(socket_path)):
+            continue
+        try:
+            with Client(socket_path, family="AF_UNIX", authkey=read_key(Path(entry.path) / KEY_NAME)) as conn:
+                conn.send({"kind": ANOTHER_RUN})
+                if conn.poll(5):
+                    conn.recv()
+        except (OSError, EOFError, AuthenticationError, WorkerError):
+            pass  # a dead worker's leftovers, or one that is busy: its idle timeout still holds
+
+
 class WorkerHandle:
     """The adapter's side: start the node's worker if it is not running, then call it."""
 
     def __init__(self, run_id: int, node_id: int):
+        self.run_id = run_id
         self.directory = worker_dir(run_id, node_id)
         self.socket_path = str(self.directory / SOCKET_NAME)
         self.key = read_or_create_key(self.directory)
@@ -162,31 +207,37 @@ class WorkerHandle:
         except (OSError, EOFError):
             return False
 
-    def ensure_running(self, watch_pid: int, idle_timeout: float, start_timeout: float = 120.0) -> None:
+    def ensure_running(self, watch_pid: int, idle_timeout: float, yield_after: float | None = None,
+                       start_timeout: float = 120.0) -> None:
         """Start the worker process unless one already answers on the socket.
 
         The worker exits on its own when `watch_pid` (the process that stands for the node:
         the SuperNode in deployment, the Ray raylet in simulation) goes away, when it has
-        been idle for `idle_timeout` seconds, or when asked to shut down.
+        been idle for `idle_timeout` seconds, once another run has started here and it has been
+        idle for `yield_after` seconds (default: `idle_timeout`), or when asked to shut down.
+        Starting one first tells the other runs' workers here (`tell_other_runs`).
         """
         with _spawn_lock(self.directory):
             if self.is_running():
                 return
+            tell_other_runs(self.run_id)
             if os.path.exists(self.socket_path):
                 os.unlink(self.socket_path)  # stale socket of a dead worker
-            log = os.fdopen(open_private(self.directory / LOG_NAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND), "ab")
             code_root = str(Path(__file__).resolve().parent.parent)
             env = dict(os.environ)
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [code_root, env.get("PYTHONPATH")]))
             _restore_visible_gpus(env)
-            process = subprocess.Popen(
-                [sys.executable, "-m", "clients.worker_process", "--dir", str(self.directory),
-                 "--watch-pid", str(watch_pid), "--idle-timeout", str(idle_timeout)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                # Its own session: a Ray actor being recycled must not take the worker along;
-                # the worker's watchdog ends it when the node itself goes away.
-                start_new_session=True,
-            )
+            with os.fdopen(open_private(self.directory / LOG_NAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND),
+                           "ab") as log:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "clients.worker_process", "--dir", str(self.directory),
+                     "--watch-pid", str(watch_pid), "--idle-timeout", str(idle_timeout),
+                     "--yield-after", str(idle_timeout if yield_after is None else yield_after)],
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                    # Its own session: a Ray actor being recycled must not take the worker along;
+                    # the worker's watchdog ends it when the node itself goes away.
+                    start_new_session=True,
+                )
             # Reap it when it exits, so a long-lived adapter (a Ray actor) collects no zombies;
             # where the adapter exits first (deployment), init adopts and reaps it.
             threading.Thread(target=process.wait, daemon=True).start()

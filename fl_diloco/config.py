@@ -29,6 +29,8 @@ COMPUTE_PRECISIONS = ("auto", "bf16", "fp32")
 # to do with bytes that are not UTF-8 (Python's `errors=` names).
 DOCUMENT_UNITS = ("file", "paragraph")
 ENCODING_ERRORS = ("strict", "replace")
+# worker_idle_timeout=0: a worker exits after this many round timeouts without a request.
+IDLE_ROUND_TIMEOUTS = 3
 
 
 class ConfigError(ValueError):
@@ -115,8 +117,12 @@ class RunConfig:
     peak_flops: float = 0.0  # one worker's peak FLOP/s for MFU (0 = fl_diloco.flops' table)
     threads_per_worker: int = 0  # 0 = share the machine's cores among the workers
     round_timeout: float = 600.0
+    # Seconds every worker has to start (load its corpus, build its model) and confirm θ(0).
+    startup_timeout: float = 1800.0
     node_wait_timeout: float = 120.0
-    worker_idle_timeout: float = 900.0
+    # 0 = IDLE_ROUND_TIMEOUTS × round_timeout: a run's server sends each node a request at least
+    # once a round_timeout, so a worker idle for several of them has no server driving it.
+    worker_idle_timeout: float = 0.0
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -181,8 +187,7 @@ class RunConfig:
         if self.peak_flops < 0:
             raise ConfigError(f"peak_flops must be >= 0 (0 = look the device up), got {self.peak_flops}")
         _at_least("vocab_size", self.vocab_size, 257)  # byte-level BPE needs the 256 bytes
-        for key in ("inner_lr", "outer_lr", "round_timeout", "node_wait_timeout",
-                    "worker_idle_timeout"):
+        for key in ("inner_lr", "outer_lr", "round_timeout", "startup_timeout", "node_wait_timeout"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
         for key in ("min_lr_ratio", "beta1", "beta2", "outer_momentum", "weight_decay"):
@@ -191,6 +196,9 @@ class RunConfig:
         if not 0.0 < self.val_fraction < 0.5:
             raise ConfigError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
         _at_least("keep_checkpoints", self.keep_checkpoints, 1)
+        if self.worker_idle_timeout < 0:
+            raise ConfigError(f"worker_idle_timeout must be >= 0 (0 = {IDLE_ROUND_TIMEOUTS} × "
+                              f"round_timeout), got {self.worker_idle_timeout}")
         if self.outlier_norm_ratio != 0 and not self.outlier_norm_ratio > 1:
             raise ConfigError(f"outlier_norm_ratio must be > 1 (or 0 to disable the check), "
                               f"got {self.outlier_norm_ratio}")
@@ -282,6 +290,12 @@ class RunConfig:
         """Whether the server checkpoints (and each worker saves its AdamW moments) after
         Flower round `server_round`: every `checkpoint_every` outer steps."""
         return bool(self.checkpoint_every) and server_round % (self.checkpoint_every * self.num_fragments) == 0
+
+    @property
+    def worker_idle_seconds(self) -> float:
+        """How long a worker lives without a request: worker_idle_timeout, or by default a few
+        round timeouts, so that a worker whose server failed does not hold its memory for long."""
+        return self.worker_idle_timeout or IDLE_ROUND_TIMEOUTS * self.round_timeout
 
     @property
     def total_inner_steps(self) -> int:
@@ -400,10 +414,15 @@ def key_help() -> dict[str, tuple[str, str]]:
                                "num_clients)", ">= 0"),
         "round_timeout": ("seconds a round waits for replies after the previous one closed; "
                           "then it closes with the replies it has", "> 0"),
+        "startup_timeout": ("seconds the workers have to start (load the corpus, build the model) "
+                            "and confirm θ(0); then the run stops, naming the nodes that did not "
+                            "and quoting their worker logs", "> 0"),
         "node_wait_timeout": ("seconds the server waits for num_clients nodes to connect",
                               "> 0"),
-        "worker_idle_timeout": ("seconds a worker process lives without a request, then exits",
-                                "> 0"),
+        "worker_idle_timeout": ("seconds a worker process lives without a request, then exits "
+                                f"(0 = {IDLE_ROUND_TIMEOUTS} × round_timeout); it also leaves once "
+                                "a newer run starts on its machine and its own run has sent it "
+                                "nothing for a round_timeout", ">= 0"),
     }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 import time
 from collections.abc import Iterator, Mapping
 from logging import INFO, WARNING
@@ -24,6 +25,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+from clients.channel import LOG_NAME, worker_dir_name, worker_log_tail
 from fl_diloco.checkpoint import (CONFIG_NAME, CheckpointError, TrainingState, load_training_checkpoint,
                                   save_checkpoint, save_training_checkpoint)
 from fl_diloco.client_app import PREPARE_ACTION, RUN_CONFIG_KEY, SHUTDOWN_ACTION
@@ -69,6 +71,23 @@ def query_workers(grid: Grid, node_ids: list[int], action: str, timeout: float,
                 reply.error.reason)
     confirmed = {r.metadata.src_node_id for r in replies if not r.has_error()}
     return [node for node in node_ids if node not in confirmed]
+
+
+def startup_failure(run_id: int, nodes: list[int], startup_timeout: float) -> str:
+    """Why the run stops before round 1: which nodes' workers did not confirm start-up, and the
+    end of each one's worker log where this machine has it (else where it is on the node)."""
+    lines = [f"the workers of nodes {nodes} did not confirm start-up within startup_timeout="
+             f"{startup_timeout:.0f}s (an error a node sent back is logged above); raise "
+             f"startup_timeout if they are only slow"]
+    for node in nodes:
+        tail = worker_log_tail(run_id, node)
+        if tail is None:
+            lines.append(f"node {node}: its worker log is on that node, at "
+                         f"$FL_DILOCO_RUNTIME_DIR/{worker_dir_name(run_id, node)}/{LOG_NAME} "
+                         f"(default runtime folder: fl-diloco-<uid> in its temp folder)")
+        else:
+            lines.append(f"node {node}: the end of its worker log:\n" + textwrap.indent(tail or "(empty)", "    "))
+    return "\n".join(lines)
 
 
 class RoundPipeline:
@@ -165,7 +184,7 @@ def check_partitions(corpus: Corpus, cfg: RunConfig) -> None:
 
 # Keys a resumed run may set differently from the run it continues: where and how it runs,
 # not what it computes.
-RESUMABLE_CHANGES = ("resume", "out_dir", "device", "threads_per_worker", "round_timeout",
+RESUMABLE_CHANGES = ("resume", "out_dir", "device", "threads_per_worker", "round_timeout", "startup_timeout",
                      "node_wait_timeout", "worker_idle_timeout", "eval_every", "eval_sequences",
                      "checkpoint_every", "keep_checkpoints", "tensorboard")
 
@@ -254,10 +273,12 @@ def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> d
     setup_began = time.perf_counter()
     worker_state = prepare_content(strategy, cfg, start_round)
     log(INFO, "starting %d workers: each loads the corpus and builds its model", len(node_ids))
-    not_ready = query_workers(grid, node_ids, PREPARE_ACTION, cfg.round_timeout, worker_state)
+    not_ready = query_workers(grid, node_ids, PREPARE_ACTION, cfg.startup_timeout, worker_state)
     round_began = time.perf_counter()  # the workers train from here on (see the tokens/s below)
     if not_ready:
-        raise RuntimeError(f"the workers of nodes {not_ready} could not start; see the log above")
+        # The others are training already: stop them rather than leave them waiting for rounds.
+        query_workers(grid, node_ids, SHUTDOWN_ACTION, timeout=30)
+        raise RuntimeError(startup_failure(grid.run.run_id, not_ready, cfg.startup_timeout))
     setup_bytes = serialized_bytes(worker_state) * len(node_ids)
     log(INFO, "%d workers ready in %.1fs; they are training", len(node_ids),
         time.perf_counter() - setup_began)

@@ -5,10 +5,11 @@ import os
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
-from clients.channel import KEY_NAME, WorkerError, WorkerHandle, runtime_root
+from clients.channel import KEY_NAME, LOG_NAME, WorkerError, WorkerHandle, runtime_root
 
 SPARE_UID = 65534  # "nobody" on most systems: a uid that is not ours
 
@@ -63,3 +64,48 @@ def test_a_folder_others_can_write_into_is_refused_and_a_readable_one_tightened(
     handle = WorkerHandle(run_id=1, node_id=1)
     assert stat.S_IMODE(runtime_dir.stat().st_mode) == 0o700
     assert stat.S_IMODE(handle.directory.stat().st_mode) == 0o700
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_gone(pid, seconds=20.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.1)
+    return not _alive(pid)
+
+
+@pytest.fixture
+def node_process():
+    """Stands for a SuperNode that stays up while its runs come and go."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    yield process.pid
+    process.kill()
+    process.wait()
+
+
+def test_a_worker_of_a_killed_run_leaves_once_a_new_run_starts(runtime_dir, node_process):
+    # Run 1's server was killed: its worker gets no more requests, but its node lives on and
+    # its idle timeout is long. Run 2 starting a worker on the machine must end it.
+    old = WorkerHandle(run_id=1, node_id=7)
+    old.ensure_running(watch_pid=node_process, idle_timeout=600, yield_after=1.0)
+    old_pid = old.call({"kind": "ping"}, timeout=10)["pid"]
+    WorkerHandle(run_id=2, node_id=8).ensure_running(watch_pid=node_process, idle_timeout=600,
+                                                     yield_after=1.0)
+    assert _wait_gone(old_pid), "the killed run's worker outlived the new run's start"
+    assert "another run started on this machine" in (old.directory / LOG_NAME).read_text()
+
+
+def test_a_worker_whose_run_is_still_driven_stays(runtime_dir, node_process):
+    live = WorkerHandle(run_id=1, node_id=7)
+    live.ensure_running(watch_pid=node_process, idle_timeout=600, yield_after=300)
+    WorkerHandle(run_id=2, node_id=8).ensure_running(watch_pid=node_process, idle_timeout=600)
+    time.sleep(2)  # the old worker's watchdog has looked (once a second) and kept it
+    assert live.is_running()
+    live.call({"kind": "shutdown"}, timeout=10)

@@ -120,7 +120,9 @@ def run_job(cfg: RunConfig) -> dict:
     from fl_diloco.console import quiet_third_party_output
     from fl_diloco.preflight import check_before_start
 
-    check_before_start(cfg)  # before anything starts or any directory is made
+    # Before anything starts or any directory is made; the workers all run on this machine
+    # (the data-parallel baseline trains one model).
+    check_before_start(cfg, workers_here=1 if cfg.algorithm == "dp" else cfg.num_clients)
     quiet_third_party_output()
     if cfg.algorithm == "dp":
         from fl_diloco.dp_baseline import train_data_parallel

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid import InMemoryGrid
 from flwr.supercore import log
 
 from clients.channel import LOG_NAME, worker_dir_name, worker_log_tail
@@ -234,7 +235,8 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     resumed = load_training_checkpoint(cfg.resume) if cfg.resume else None
     if resumed:
         cfg = resume_config(cfg, resumed)
-    check_before_start(cfg)  # `flwr run` reaches here without the CLI's checks
+    # `flwr run` reaches here without the CLI's checks; in a simulation the workers share this machine.
+    check_before_start(cfg, workers_here=cfg.num_clients if isinstance(grid, InMemoryGrid) else 0)
     out_dir = prepare_out_dir(cfg)
     with failure_recorded(out_dir):
         # The workers key their node-local state by the run's directory: give them the real one.

@@ -1,14 +1,21 @@
 """Worker start-up (issue 13): it has its own timeout, separate from round_timeout, and when it
-expires the run names the nodes that did not start and quotes their worker logs."""
+expires the run names the nodes that did not start and quotes their worker logs; a run that
+cannot fit in the machine's memory is refused with the numbers before anything starts."""
 
 import threading
 from types import SimpleNamespace
 
 import pytest
 from clients.channel import LOG_NAME, worker_dir
+from clients.worker import Worker
+from fl_diloco import memory
 from fl_diloco.client_app import PREPARE_ACTION
+from fl_diloco.config import ConfigError, RunConfig
+from fl_diloco.memory import check_memory
+from fl_diloco.model import model_config
+from fl_diloco.preflight import check_before_start
 from fl_diloco.server_app import run_server
-from tests.conftest import small_config
+from tests.conftest import load_bench, small_config
 from tests.fake_grid import FakeGrid
 
 
@@ -72,3 +79,56 @@ def test_a_node_elsewhere_is_named_with_where_its_log_is(tmp_path):
     finally:
         grid.released.set()
         grid.stop_all()
+
+
+# ----- the memory check before start-up -----
+
+GIB = memory.GIB
+
+
+def _machine_with(monkeypatch, gib):
+    monkeypatch.setattr(memory, "available_host_memory", lambda: (gib * GIB, "a test machine"))
+
+
+def test_a_run_that_cannot_fit_is_refused_with_the_numbers(monkeypatch):
+    # model=1b under a 4 GiB limit was OOM-killed 35 s in, with no message.
+    _machine_with(monkeypatch, 4)
+    cfg = RunConfig(model="1b", device="cpu")
+    with pytest.raises(ConfigError, match=r"model=1b needs ~\d+\.\d GiB of memory per worker × 4 workers "
+                                          r"\+ \d+\.\d GiB for the server = \d+\.\d GiB; this machine has "
+                                          r"4\.0 GiB available \(a test machine\); lower num_clients"):
+        check_before_start(cfg, workers_here=4)
+    # A node far from the server checks its own worker alone, and says so in its reply.
+    answer = Worker().handle({"kind": "prepare", "run_config": cfg.to_dict(), "partition_id": 0,
+                              "num_partitions": 4, "device": "cpu", "params": {}})
+    assert "model=1b needs" in answer["error"] and "× 1 workers =" in answer["error"]
+
+
+def test_the_quickstart_and_the_test_runs_are_never_refused(monkeypatch, tmp_path):
+    _machine_with(monkeypatch, 1)  # `fl-diloco train` as the README starts it, on a 1 GiB machine
+    check_memory(RunConfig(device="cpu"), workers_here=RunConfig().num_clients)
+    check_memory(small_config(tmp_path), workers_here=2)
+
+
+def test_the_estimate_covers_what_autograd_keeps():
+    # The activation constants bound what bench/worker_memory.py measures (bf16 autocast).
+    bench = load_bench("worker_memory")
+    model = model_config("tiny-1m", seq_len=bench.PROBE_TOKENS)
+    profile = bench.activation_profile("tiny-1m")
+    assert profile["block_token"] <= memory.ACTIVATION_BYTES_PER_BLOCK_TOKEN["bf16"] * model.d_model
+    assert profile["outside_token"] <= memory.ACTIVATION_BYTES_OUTSIDE_BLOCKS * model.vocab_size
+
+
+def test_a_containers_memory_limit_counts(tmp_path):
+    proc, cgroup = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text("MemTotal: 67108864 kB\nMemAvailable: 60000000 kB\n")
+    (proc / "self" / "cgroup").write_text("0::/job\n")
+    (cgroup / "job").mkdir(parents=True)
+    (cgroup / "job" / "memory.max").write_text(f"{4 * GIB}\n")
+    (cgroup / "job" / "memory.current").write_text(f"{2 * GIB}\n")
+    (cgroup / "job" / "memory.stat").write_text(f"anon 1\ninactive_file {GIB // 2}\n")
+    available, source = memory.available_host_memory(proc, cgroup)
+    assert available == 2.5 * GIB and "memory.max" in source
+    (cgroup / "job" / "memory.max").write_text("max\n")
+    assert memory.available_host_memory(proc, cgroup) == (60000000 * 1024, "MemAvailable in /proc/meminfo")

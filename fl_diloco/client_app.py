@@ -98,7 +98,8 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
                    "num_partitions": num_partitions, "device": context.node_config.get("device"),
                    **fields}
         # A prepare builds the worker's corpus and model: start-up, not a round.
-        return worker.call(request, timeout=cfg.startup_timeout if kind == PREPARE_ACTION else cfg.round_timeout)
+        timeout = cfg.startup_timeout if kind == PREPARE_ACTION else cfg.round_timeout
+        return worker.call(request, timeout=timeout)
 
     @app.query(PREPARE_ACTION)
     def prepare(msg: Message, context: Context) -> Message:

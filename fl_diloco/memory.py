@@ -55,7 +55,8 @@ def worker_memory(n_params: int, n_layers: int, d_model: int, vocab_size: int, m
                   precision: str, on_cuda: bool) -> WorkerMemory:
     """The estimate of the module docstring for one worker training `micro_tokens` tokens per
     forward/backward in `precision` ("bf16" or "fp32")."""
-    state = (TRAINING_STATE_BYTES_PER_PARAM + (AUTOCAST_COPY_BYTES_PER_PARAM if precision == "bf16" else 0)) * n_params
+    autocast_copy = AUTOCAST_COPY_BYTES_PER_PARAM if precision == "bf16" else 0
+    state = (TRAINING_STATE_BYTES_PER_PARAM + autocast_copy) * n_params
     per_token = (ACTIVATION_BYTES_PER_BLOCK_TOKEN[precision] * d_model * n_layers
                  + (ACTIVATION_BYTES_OUTSIDE_BLOCKS + LOSS_BACKWARD_BYTES_PER_LOGIT[precision]) * vocab_size)
     training = state + micro_tokens * per_token

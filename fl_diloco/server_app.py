@@ -87,7 +87,8 @@ def startup_failure(run_id: int, nodes: list[int], startup_timeout: float) -> st
                          f"$FL_DILOCO_RUNTIME_DIR/{worker_dir_name(run_id, node)}/{LOG_NAME} "
                          f"(default runtime folder: fl-diloco-<uid> in its temp folder)")
         else:
-            lines.append(f"node {node}: the end of its worker log:\n" + textwrap.indent(tail or "(empty)", "    "))
+            lines.append(f"node {node}: the end of its worker log:\n"
+                         + textwrap.indent(tail or "(empty)", "    "))
     return "\n".join(lines)
 
 

@@ -67,6 +67,9 @@ class RunConfig:
     inner_lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
+    # The outer steps the warmup + cosine spans (0 = rounds). A run extended past its rounds
+    # (resume=DIR rounds=N) keeps its original value, so its extra steps run at the floor LR.
+    lr_schedule_rounds: int = 0
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -95,8 +98,8 @@ class RunConfig:
     eval_every: int = 5
     eval_sequences: int = 256
     out_dir: str = ""  # "" = ./runs/<algorithm>-<timestamp>, made absolute at start
-    # Every `checkpoint_every` outer steps the server writes a resumable checkpoint (0 = only
-    # the final model); the newest `keep_checkpoints` are kept.
+    # Every `checkpoint_every` outer steps the server writes a resumable checkpoint (0 = none
+    # but the final round's, which every run writes); the newest `keep_checkpoints` are kept.
     checkpoint_every: int = 5
     keep_checkpoints: int = 2
     # A run's out_dir to continue from its newest checkpoint ("" = start fresh).
@@ -177,8 +180,8 @@ class RunConfig:
         for key in ("num_clients", "inner_steps", "rounds", "vocab_size", "seq_len",
                     "batch_size", "eval_every", "eval_sequences"):
             _at_least(key, getattr(self, key), 1)
-        for key in ("warmup_steps", "max_documents", "threads_per_worker", "checkpoint_every",
-                    "max_reply_bytes", "micro_batch_size"):
+        for key in ("warmup_steps", "lr_schedule_rounds", "max_documents", "threads_per_worker",
+                    "checkpoint_every", "max_reply_bytes", "micro_batch_size"):
             _at_least(key, getattr(self, key), 0)
         if self.micro_batch_size and (self.micro_batch_size > self.batch_size
                                       or self.batch_size % self.micro_batch_size):
@@ -300,6 +303,11 @@ class RunConfig:
     @property
     def total_inner_steps(self) -> int:
         return self.rounds * self.inner_steps
+
+    @property
+    def lr_schedule_steps(self) -> int:
+        """Inner steps the warmup + cosine spans: lr_schedule_rounds (or rounds) × H."""
+        return (self.lr_schedule_rounds or self.rounds) * self.inner_steps
 
     def data_config(self) -> Any:
         from fl_diloco.data import DataConfig

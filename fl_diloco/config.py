@@ -369,6 +369,8 @@ def key_help() -> dict[str, tuple[str, str]]:
         "inner_lr": ("AdamW's peak learning rate, reached after warmup_steps", "> 0"),
         "min_lr_ratio": ("the cosine decay ends at inner_lr × this", "0 <= x <= 1"),
         "warmup_steps": ("inner steps of linear learning-rate warmup", ">= 0"),
+        "lr_schedule_rounds": ("outer steps the warmup + cosine spans (0 = rounds); a run extended "
+                               "with resume keeps its original's and trains on at the floor", ">= 0"),
         "weight_decay": ("AdamW weight decay on matrices (norms and other 1-D weights get none)",
                          "0 <= x < 1"),
         "beta1": ("AdamW β1", "0 <= x < 1"),
@@ -398,11 +400,11 @@ def key_help() -> dict[str, tuple[str, str]]:
         "eval_sequences": ("held-out sequences per evaluation", ">= 1"),
         "out_dir": ("where the run writes config, metrics, summary, plots and checkpoints; "
                     "empty = ./runs/<algorithm>-<timestamp>", "an absolute path, or empty"),
-        "checkpoint_every": ("a resumable checkpoint every N outer steps (0 = only the final "
-                             "model)", ">= 0"),
+        "checkpoint_every": ("a resumable checkpoint every N outer steps and after the last "
+                             "(0 = after the last only)", ">= 0"),
         "keep_checkpoints": ("how many of the newest resumable checkpoints to keep", ">= 1"),
-        "resume": ("a run's out_dir: continue it from its newest checkpoint (empty = start "
-                   "fresh)", "an absolute path, or empty"),
+        "resume": ("a run's out_dir: continue it from its newest checkpoint, or extend it with "
+                   "rounds=N (empty = start fresh)", "an absolute path, or empty"),
         "tensorboard": ("also write the metrics as TensorBoard events under out_dir/tensorboard",
                         "true | false"),
         "outlier_norm_ratio": ("reject an outer gradient whose norm exceeds this × the round's "

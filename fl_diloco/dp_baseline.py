@@ -27,12 +27,13 @@ micro-batches run one after another, evaluation excluded); `idle_seconds` is 0. 
 the process keeps torch's default thread count unless `threads_per_worker` is set, in which
 case it uses that many threads (it is the only worker process).
 
-Speed: a step costs what a plain PyTorch loop over the same global batch costs
-(bench/dp_baseline_speed.py times both in one process). Compare its tokens/s with a DiLoCo
-run's only at equal thread budgets and on a quiet machine: DiLoCo's M workers run as M
-processes of cpu_count/M threads, this baseline as one process of cpu_count threads, and on
-cores shared with other work one process whose threads wait on each other at every operation
-slows down several times more than M independent ones (threads_per_worker=1 shows it).
+Speed: bench/dp_baseline_speed.py times a step against a plain PyTorch loop that runs the
+global batch in one pass; on a quiet 2-core CPU the M micro-batches were the faster of the
+two (smaller batches stay in cache), which is why they stay. Compare its tokens/s with a
+DiLoCo run's only on a quiet machine: DiLoCo's M workers run as M processes of cpu_count/M
+threads, this baseline as one process of cpu_count threads, and on cores shared with other
+work a process whose threads wait for each other at every operation slows down several times
+more than M single-threaded ones (`threads_per_worker=1` shows it).
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ from fl_diloco.reporting import SUMMARY_NAME
 # not what it computes. (`rounds` may grow: that extends the run, see the module docstring.)
 RESUMABLE_CHANGES = ("resume", "out_dir", "device", "threads_per_worker", "round_timeout",
                      "startup_timeout", "node_wait_timeout", "worker_idle_timeout", "eval_every", "eval_sequences",
-                     "checkpoint_every", "keep_checkpoints", "tensorboard")
+                     "checkpoint_every", "keep_checkpoints", "tensorboard", "peak_flops")
 
 
 def load_resume(cfg: RunConfig, explicit_keys: Collection[str] = ()) -> tuple[RunConfig, TrainingState]:

@@ -182,7 +182,9 @@ class Worker:
             self._replies.clear()
             self._failure = None
             trainer.start_at(start_round * cfg.sync_interval)
-            if start_round:
+            if not start_round:  # a new run: moments saved under its out_dir are an older run's
+                shutil.rmtree(optimizer_state_dir(cfg, partition[0]), ignore_errors=True)
+            else:
                 self._restore_optimizer(start_round)
                 momentum = request["momentum"]
                 for fragment in self.fragments:

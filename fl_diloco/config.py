@@ -98,6 +98,8 @@ class RunConfig:
     eval_every: int = 5
     eval_sequences: int = 256
     out_dir: str = ""  # "" = ./runs/<algorithm>-<timestamp>, made absolute at start
+    # Replace the run already in out_dir (fl_diloco/run_dir.py); without it a run refuses to start there.
+    overwrite: bool = False
     # Every `checkpoint_every` outer steps the server writes a resumable checkpoint (0 = none
     # but the final round's, which every run writes); the newest `keep_checkpoints` are kept.
     checkpoint_every: int = 5
@@ -207,6 +209,8 @@ class RunConfig:
                               f"got {self.outlier_norm_ratio}")
         if self.resume and not os.path.isabs(self.resume):
             raise ConfigError(f"resume must be the absolute path of a run's out_dir, got '{self.resume}'")
+        if self.resume and self.overwrite:
+            raise ConfigError("overwrite=true would delete the run that resume continues; leave one of them out")
         if self.grad_clip < 0:
             raise ConfigError(f"grad_clip must be >= 0 (0 disables it), got {self.grad_clip}")
         self._validate_overlap()
@@ -399,7 +403,11 @@ def key_help() -> dict[str, tuple[str, str]]:
                        ">= 1"),
         "eval_sequences": ("held-out sequences per evaluation", ">= 1"),
         "out_dir": ("where the run writes config, metrics, summary, plots and checkpoints; "
-                    "empty = ./runs/<algorithm>-<timestamp>", "an absolute path, or empty"),
+                    "empty = ./runs/<algorithm>-<timestamp>. It must be new or unused: a run "
+                    "refuses a directory that holds another run or other files",
+                    "an absolute path, or empty"),
+        "overwrite": ("start even if out_dir holds another run: delete fl-diloco's outputs there "
+                      "first (never other files)", "true | false"),
         "checkpoint_every": ("a resumable checkpoint every N outer steps and after the last "
                              "(0 = after the last only)", ">= 0"),
         "keep_checkpoints": ("how many of the newest resumable checkpoints to keep", ">= 1"),

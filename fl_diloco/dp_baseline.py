@@ -52,7 +52,8 @@ from fl_diloco.config import ConfigError, RunConfig, resolve_device
 from fl_diloco.data import BatchStream, Corpus, load_corpus
 from fl_diloco.evaluation import evaluate
 from fl_diloco.model import Transformer, model_config, num_parameters
-from fl_diloco.reporting import RunLog, failure_recorded, finish_run, prepare_out_dir
+from fl_diloco.reporting import RunLog, failure_recorded, finish_run
+from fl_diloco.run_dir import prepare_out_dir
 
 FP32_BYTES = 4
 

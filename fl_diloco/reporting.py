@@ -230,21 +230,6 @@ def finish_run(out_dir: Path, algorithm: str, cfg: Any, run_log: RunLog, *, comp
     return summary
 
 
-def default_out_dir(algorithm: str) -> str:
-    """./runs/<algorithm>-<timestamp>, absolute: where a run writes when out_dir is unset."""
-    return str(Path.cwd() / "runs" / f"{algorithm}-{time.strftime('%Y%m%d-%H%M%S')}")
-
-
-def prepare_out_dir(cfg: Any) -> Path:
-    """The run's output directory (absolute), with the resolved config written into it (and
-    the failed.json of an earlier start that failed, if any, removed)."""
-    out_dir = Path(cfg.out_dir or default_out_dir(cfg.algorithm))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    (out_dir / FAILED_NAME).unlink(missing_ok=True)
-    return out_dir.resolve()
-
-
 def write_failure(directory: Path, err: BaseException, **context: Any) -> Path:
     """failed.json: the error, its traceback and `context` (e.g. the config), so a run
     directory that has no summary.json says why."""

@@ -33,9 +33,9 @@ from fl_diloco.evaluation import evaluate
 from fl_diloco.flops import model_flops_per_token
 from fl_diloco.model import Transformer, load_parameters, model_config
 from fl_diloco.preflight import check_before_start
-from fl_diloco.reporting import (SUMMARY_NAME, RunLog, compute_utilization, failure_recorded, finish_run,
-                                 prepare_out_dir, throughput)
+from fl_diloco.reporting import SUMMARY_NAME, RunLog, compute_utilization, failure_recorded, finish_run, throughput
 from fl_diloco.resume import complete_message, finished_summary, load_resume
+from fl_diloco.run_dir import prepare_out_dir, read_run_id
 from strategies.diloco import DiLoCo, RoundStats
 from strategies.wire import serialized_bytes
 
@@ -256,9 +256,13 @@ def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> d
         # The others are training already: stop them rather than leave them waiting for rounds.
         query_workers(grid, node_ids, SHUTDOWN_ACTION, timeout=30)
         raise RuntimeError(startup_failure(grid.run.run_id, not_ready, cfg.startup_timeout))
-    setup_bytes = serialized_bytes(worker_state) * len(node_ids)
-    log(INFO, "%d workers ready in %.1fs; they are training", len(node_ids),
-        time.perf_counter() - setup_began)
+    # This launch, after those whose rounds the checkpoint holds: a resumed run's summary
+    # adds up their start-ups (each launch starts its workers anew).
+    launch = {"from_round": start_round, "worker_setup_seconds": round_began - setup_began,
+              "setup_bytes_down": serialized_bytes(worker_state) * len(node_ids)}
+    launches = [*(resumed.meta.get("launches", []) if resumed else []), launch]
+    run_id = read_run_id(out_dir)  # in every checkpoint: a resume checks it is this directory's
+    log(INFO, "%d workers ready in %.1fs; they are training", len(node_ids), launch["worker_setup_seconds"])
     run_log = RunLog(out_dir, cfg.flower_rounds, continue_after=start_round if resumed else None,
                      tensorboard=cfg.tensorboard)
     if not resumed:
@@ -307,7 +311,8 @@ def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> d
             outer_tensors, strategy_meta = strategy.state_dict()
             save_training_checkpoint(
                 out_dir, server_round, strategy.params, outer_tensors,
-                {"tokens_total": tokens_total, "strategy": strategy_meta,
+                {"run_id": run_id, "launches": launches,
+                 "tokens_total": tokens_total, "strategy": strategy_meta,
                  "torch_rng_state": torch.get_rng_state().tolist(),
                  # Every worker is at inner step round·H/P; its data stream position follows
                  # from that step and the seed (clients.inner_loop.InnerTrainer.start_at).
@@ -320,6 +325,7 @@ def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> d
     save_checkpoint(out_dir / "checkpoint", strategy.params, cfg, model_cfg,
                     extra={"round": cfg.flower_rounds, "tokens": tokens_total})
     history = strategy.history
+    setup_bytes = sum(launch["setup_bytes_down"] for launch in launches)
     return finish_run(
         out_dir, cfg.algorithm, cfg, run_log,
         compute_seconds=sum(s.compute_seconds for s in history),
@@ -330,7 +336,8 @@ def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> d
                "variant": cfg.variant_label,
                "evaluated_parameters": EVALUATED_PARAMETERS[cfg.algorithm],
                "setup_bytes_down": setup_bytes,
-               "worker_setup_seconds": run_log.started - setup_began,
+               "worker_setup_seconds": sum(launch["worker_setup_seconds"] for launch in launches),
+               "launches": launches,
                "num_parameters": sum(p.numel() for p in model.parameters()),
                "flops_per_token": model_flops_per_token(model_cfg, cfg.seq_len),
                "rejected_replies": sum(s.rejected for s in history),

@@ -36,7 +36,7 @@ REPORT_NAME = "report.md"
 TOKENS_PLOT_NAME = "eval_loss_vs_tokens.png"
 H_PLOT_NAME = "eval_loss_vs_H.png"
 # Keys that never make two runs different variants: seeds are averaged over, paths are where.
-NOT_A_VARIANT = ("seed", "out_dir", "resume")
+NOT_A_VARIANT = ("seed", "out_dir", "overwrite", "resume")
 # Keys the report always states when every run shares them: what a reader asks first.
 ALWAYS_STATED = ("model", "num_clients", "inner_steps", "rounds")
 # Keys that RunConfig.variant_label already spells out.

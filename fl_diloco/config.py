@@ -210,7 +210,8 @@ class RunConfig:
         if self.resume and not os.path.isabs(self.resume):
             raise ConfigError(f"resume must be the absolute path of a run's out_dir, got '{self.resume}'")
         if self.resume and self.overwrite:
-            raise ConfigError("overwrite=true would delete the run that resume continues; leave one of them out")
+            raise ConfigError("overwrite=true would delete the run that resume continues; "
+                              "leave one of them out")
         if self.grad_clip < 0:
             raise ConfigError(f"grad_clip must be >= 0 (0 disables it), got {self.grad_clip}")
         self._validate_overlap()

@@ -1,8 +1,8 @@
 """Checks that fail a run in seconds, before Ray, Flower or any worker starts.
 
-An out_dir that holds another run, a bad data path, a missing GPU or a model too large for the machine would otherwise surface
-only after the simulation and its workers are up (tens of seconds and a page of Flower
-internals later, or an OOM kill with no message at all). Each check raises
+An out_dir that holds another run, a bad data path, a missing GPU or a model too large for the
+machine would otherwise surface only after the simulation and its workers are up (tens of
+seconds and a page of Flower internals later, or an OOM kill with no message at all). Each check raises
 ConfigError with one sentence that names the key and the file or path to fix. They are cheap
 by design: they look at where the data is and sample the start of each file, they never
 load the corpus.

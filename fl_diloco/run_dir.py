@@ -82,7 +82,7 @@ def prepare_out_dir(cfg: Any) -> Path:
     run.json (kept by a resume) and no failed.json of an earlier start."""
     check_out_dir(cfg)
     out_dir = Path(cfg.out_dir or default_out_dir(cfg.algorithm))
-    if cfg.overwrite and not cfg.resume:
+    if cfg.overwrite:  # never with resume (RunConfig refuses the pair)
         for name in RUN_OUTPUTS:
             path = out_dir / name
             if path.is_dir() and not path.is_symlink():

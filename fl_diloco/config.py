@@ -114,6 +114,8 @@ class RunConfig:
     compile: bool = False  # torch.compile the worker's model
     peak_flops: float = 0.0  # one worker's peak FLOP/s for MFU (0 = fl_diloco.flops' table)
     threads_per_worker: int = 0  # 0 = share the machine's cores among the workers
+    # The server's evaluation and aggregation (0 = the cores the workers leave free, at least 1).
+    server_threads: int = 0
     round_timeout: float = 600.0
     node_wait_timeout: float = 120.0
     worker_idle_timeout: float = 900.0
@@ -171,7 +173,7 @@ class RunConfig:
         for key in ("num_clients", "inner_steps", "rounds", "vocab_size", "seq_len",
                     "batch_size", "eval_every", "eval_sequences"):
             _at_least(key, getattr(self, key), 1)
-        for key in ("warmup_steps", "max_documents", "threads_per_worker", "checkpoint_every",
+        for key in ("warmup_steps", "max_documents", "threads_per_worker", "server_threads", "checkpoint_every",
                     "max_reply_bytes", "micro_batch_size"):
             _at_least(key, getattr(self, key), 0)
         if self.micro_batch_size and (self.micro_batch_size > self.batch_size
@@ -398,6 +400,10 @@ def key_help() -> dict[str, tuple[str, str]]:
                        "fl_diloco/flops.py; CPUs have none)", ">= 0"),
         "threads_per_worker": ("torch CPU threads per worker (0 = the machine's cores / "
                                "num_clients)", ">= 0"),
+        "server_threads": ("torch CPU threads of the server's evaluation and aggregation (0 = "
+                           "the cores num_clients workers leave free on the server's machine, at "
+                           "least 1: right when they share it; a coordinating site of its own "
+                           "sets its cores)", ">= 0"),
         "round_timeout": ("seconds a round waits for replies after the previous one closed; "
                           "then it closes with the replies it has", "> 0"),
         "node_wait_timeout": ("seconds the server waits for num_clients nodes to connect",

@@ -101,12 +101,14 @@ class RunLog:
         line = (
             f"[round {record['round']:>3}/{self.total_rounds}] "
             f"train_loss {_fmt(record.get('train_loss'))}  "
-            f"eval_loss {_fmt(record.get('eval_loss'))}  "
-            f"tokens/s {_fmt(record.get('tokens_per_second'), '.0f')}  "
+            f"eval_loss {_fmt(record.get('eval_loss'))}"
+            + (f" ({record['eval_seconds']:.1f}s)  " if record.get("eval_seconds") is not None else "  ")
+            + f"tokens/s {_fmt(record.get('tokens_per_second'), '.0f')}  "
             f"per worker {_fmt(record.get('tokens_per_second_per_worker'), '.0f')}  "
             + (f"mfu {record['mfu']:.1%}  " if record.get("mfu") is not None else "")
             + f"up {format_bytes(record.get('bytes_up', 0))}  down {format_bytes(record.get('bytes_down', 0))}"
             + (f"  rejected {record['rejected']}" if record.get("rejected") else "")
+            + (f"  failed nodes {record['unavailable_nodes']}" if record.get("unavailable_nodes") else "")
             + (f"  eta {format_duration(eta)}" if eta is not None else "")
         )
         if self.progress_bar is None:

@@ -11,6 +11,7 @@ checkpoint, summary.json and the loss plot under the run's output directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -24,6 +25,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+from clients.worker import worker_threads
 from fl_diloco.checkpoint import (CONFIG_NAME, CheckpointError, TrainingState, load_training_checkpoint,
                                   save_checkpoint, save_training_checkpoint)
 from fl_diloco.client_app import PREPARE_ACTION, RUN_CONFIG_KEY, SHUTDOWN_ACTION
@@ -79,6 +81,10 @@ class RoundPipeline:
     Replies are pulled one message at a time and handed on as they come, so the server never
     holds more than one reply it has not yet folded into the average. Replies that come after
     their round closed are handed on too: the strategy rejects and logs them.
+
+    A failure is reported as the node that was asked (strategy.node_failed): an error reply
+    the SuperLink writes for a node it lost carries the SuperLink's own id as its sender, so
+    the node is looked up by the id of the message the reply answers.
     """
 
     def __init__(self, grid: Grid, strategy: DiLoCo, cfg: RunConfig, first_round: int = 1,
@@ -87,8 +93,9 @@ class RoundPipeline:
         self.last_round, self.timeout, self.poll_interval = cfg.flower_rounds, cfg.round_timeout, poll_interval
         self.next_to_send = first_round
         self.open: dict[int, dict[str, int]] = {}  # round → {id of an unanswered message: its node}
-        # Messages whose round closed without their reply → that round; kept for a few rounds.
-        self.late: dict[str, int] = {}
+        # Messages whose round closed without their reply → (that round, their node); kept
+        # for a few rounds.
+        self.late: dict[str, tuple[int, int]] = {}
         self.resyncs: dict[str, int] = {}  # id of a prepare message → its node
         self.resynced_after: dict[int, int] = {}  # node → the round after which it got the state
 
@@ -129,19 +136,23 @@ class RoundPipeline:
         while waiting and time.monotonic() < deadline:
             for message_id in [*waiting, *self.late]:
                 for reply in self.grid.pull_messages([message_id]):
-                    waiting.pop(message_id, None)
-                    self.late.pop(message_id, None)
-                    yield reply
+                    asked_in, node = ((server_round, waiting.pop(message_id)) if message_id in waiting
+                                      else self.late.pop(message_id))
+                    if not reply.has_error():
+                        yield reply
+                    elif asked_in == server_round:
+                        self.strategy.node_failed(server_round, node, reply.error.reason)
+                    else:  # counted when its round closed without it
+                        log(WARNING, "round %d: node %d answered round %d, which closed without it, "
+                            "with an error: %s", server_round, node, asked_in, reply.error.reason)
             self._check_resyncs()
             if waiting:
                 time.sleep(self.poll_interval)
-        if waiting:
-            log(WARNING, "round %d: node(s) %s did not reply within round_timeout=%.0fs",
-                server_round, sorted(waiting.values()), self.timeout)
-            for node in waiting.values():  # it may have missed messages too: send it the state
-                self.strategy.needs_state.setdefault(node, server_round)
-        self.late = {m: r for m, r in self.late.items() if r > server_round - 3 * self.strategy.in_flight}
-        self.late.update(dict.fromkeys(waiting, server_round))
+        for node in sorted(waiting.values()):
+            self.strategy.node_failed(server_round, node, f"no reply within round_timeout={self.timeout:g}s")
+        self.late = {m: (r, node) for m, (r, node) in self.late.items()
+                     if r > server_round - 3 * self.strategy.in_flight}
+        self.late.update({m: (server_round, node) for m, node in waiting.items()})
 
     def _check_resyncs(self) -> None:
         for message_id in list(self.resyncs):
@@ -165,7 +176,7 @@ def check_partitions(corpus: Corpus, cfg: RunConfig) -> None:
 
 # Keys a resumed run may set differently from the run it continues: where and how it runs,
 # not what it computes.
-RESUMABLE_CHANGES = ("resume", "out_dir", "device", "threads_per_worker", "round_timeout",
+RESUMABLE_CHANGES = ("resume", "out_dir", "device", "threads_per_worker", "server_threads", "round_timeout",
                      "node_wait_timeout", "worker_idle_timeout", "eval_every", "eval_sequences",
                      "checkpoint_every", "keep_checkpoints", "tensorboard")
 
@@ -205,6 +216,27 @@ def prepare_content(strategy: DiLoCo, cfg: RunConfig, after_round: int) -> Recor
     return content
 
 
+def server_threads(cfg: RunConfig) -> int:
+    """Torch threads for the server's evaluation and aggregation: `server_threads`, or (0) the
+    cores that num_clients workers of `worker_threads` threads each leave free on this
+    machine, at least 1. That assumes the workers share the machine, as they do in simulation;
+    a coordinating site with cores of its own sets server_threads."""
+    if cfg.server_threads:
+        return cfg.server_threads
+    return max(1, (os.cpu_count() or 1) - cfg.num_clients * worker_threads(cfg))
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with `count` torch threads (in this thread), then restore the count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     """DiLoCo's outer loop; returns the run's summary (also written to summary.json)."""
     if cfg.algorithm == "dp":
@@ -217,7 +249,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         cfg = resume_config(cfg, resumed)
     check_before_start(cfg)  # `flwr run` reaches here without the CLI's checks
     out_dir = prepare_out_dir(cfg)
-    with failure_recorded(out_dir):
+    with failure_recorded(out_dir), torch_threads(server_threads(cfg)):
         # The workers key their node-local state by the run's directory: give them the real one.
         return train_rounds(grid, cfg.replace(out_dir=str(out_dir)), resumed)
 
@@ -225,7 +257,8 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
 def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> dict[str, Any]:
     """The run once its out_dir exists: start the workers, run every round, write the results."""
     out_dir = Path(cfg.out_dir)
-    log(INFO, "fl-diloco %s: writing to %s", cfg.algorithm, out_dir)
+    log(INFO, "fl-diloco %s: writing to %s; the server uses %d torch thread(s) (server_threads)",
+        cfg.algorithm, out_dir, torch.get_num_threads())
     # Building the corpus here first also fills the tokenizer/token cache the workers read.
     log(INFO, "loading the corpus (data_source=%s; a source's first run also trains its tokenizer)",
         cfg.data_source)
@@ -237,9 +270,12 @@ def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> d
     model_cfg = model_config(cfg.model_preset, vocab_size=corpus.vocab_size, seq_len=cfg.seq_len)
     model = Transformer(model_cfg).to(device)
 
-    def eval_params(params: Mapping[str, torch.Tensor]) -> float:
+    def eval_params(params: Mapping[str, torch.Tensor]) -> tuple[float, float]:
+        """The held-out loss of `params`, and the seconds the server took to evaluate it."""
+        began = time.perf_counter()
         load_parameters(model, params)
-        return evaluate(model, validation, cfg.batch_size, device)["eval_loss"]
+        loss = evaluate(model, validation, cfg.batch_size, device)["eval_loss"]
+        return loss, time.perf_counter() - began
 
     node_ids = wait_for_nodes(grid, cfg.num_clients, cfg.node_wait_timeout)
     strategy = DiLoCo.from_config(cfg, {n: p.detach().cpu() for n, p in model.named_parameters()},
@@ -265,8 +301,9 @@ def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> d
                      tensorboard=cfg.tensorboard)
     if not resumed:
         log(INFO, "evaluating the initial model on %d held-out sequences", len(validation))
-        run_log.log({"round": 0, "outer_step": 0, "tokens_total": 0,
-                     "eval_loss": eval_params(strategy.params)})
+        eval_loss, eval_seconds = eval_params(strategy.params)
+        run_log.log({"round": 0, "outer_step": 0, "tokens_total": 0, "eval_loss": eval_loss,
+                     "eval_seconds": eval_seconds})
 
     pipeline = RoundPipeline(grid, strategy, cfg, first_round=start_round + 1)
     pipeline.send_ready_rounds(aggregated_up_to=start_round)
@@ -285,12 +322,14 @@ def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> d
         tokens_total += stats.tokens
         tokens_per_second_per_worker, round_mfu = throughput(stats.per_client)
         due = server_round % (cfg.eval_every * cfg.num_fragments) == 0 or server_round == cfg.flower_rounds
+        eval_loss, eval_seconds = eval_params(strategy.params) if due else (None, None)
         run_log.log({
             "round": server_round,
             "outer_step": server_round / cfg.num_fragments,
             "fragment": stats.fragment,
             "train_loss": stats.train_loss,
-            "eval_loss": eval_params(strategy.params) if due else None,
+            "eval_loss": eval_loss,
+            "eval_seconds": eval_seconds,
             "tokens": stats.tokens,
             "tokens_total": tokens_total,
             "tokens_per_second": stats.tokens / round_seconds,
@@ -298,6 +337,8 @@ def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> d
             "mfu": round_mfu,
             "participants": stats.participants,
             "rejected": stats.rejected,
+            "unavailable": len(stats.unavailable_nodes),
+            "unavailable_nodes": sorted(stats.unavailable_nodes),
             "compute_seconds": stats.compute_seconds,
             "idle_seconds": stats.idle_seconds,
             "bytes_up": stats.bytes_up,
@@ -335,6 +376,9 @@ def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> d
                "num_parameters": sum(p.numel() for p in model.parameters()),
                "flops_per_token": model_flops_per_token(model_cfg, cfg.seq_len),
                "rejected_replies": sum(s.rejected for s in history),
+               "unavailable_node_rounds": sum(len(s.unavailable_nodes) for s in history),
+               "server_threads": torch.get_num_threads(),
+               "eval_seconds": sum(r.get("eval_seconds") or 0.0 for r in run_log.records),
                "workers": worker_utilization(history)},
     )
 

@@ -5,7 +5,9 @@ checkpoints, resync) against real `Worker` objects in this process, in seconds. 
 message is served in a thread of its own, as Flower serves concurrent messages, through the
 ClientApp adapter's own request and reply builders. Tests can make a worker die in the
 middle of a round (the node then starts a fresh worker, as `WorkerHandle.ensure_running`
-does), make a node go silent, or make the server process "die" at a round.
+does), make a node go silent, make the SuperLink answer for a node it lost (with the error
+Flower's SuperLink writes, which carries the SuperLink's own id), or make the server process
+"die" at a round.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import uuid
 from collections.abc import Iterable
 
 from flwr.app import Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.worker import Worker
@@ -38,6 +41,7 @@ class FakeGrid:
         # Faults: (node, round) → what happens to that node's train request of that round.
         self.crash_at: set[tuple[int, int]] = set()
         self.silent_at: set[tuple[int, int]] = set()
+        self.unavailable_at: set[tuple[int, int]] = set()  # the SuperLink lost the node
         self.kill_server_at: int | None = None  # the server "dies" as it opens this round
         self.log: list[str] = []
 
@@ -82,6 +86,12 @@ class FakeGrid:
             server_round = int(message.content[CONFIG_KEY]["round"])
             if (node, server_round) in self.silent_at:
                 self.log.append(f"node {node} silent in round {server_round}")
+                return
+            if (node, server_round) in self.unavailable_at:
+                self.log.append(f"node {node} unavailable in round {server_round}")
+                with self.lock:
+                    self.replies[message.metadata.message_id] = create_message_error_unavailable_res_message(
+                        message.metadata, "node_unavail")
                 return
             if (node, server_round) in self.crash_at:
                 self.crash(node)

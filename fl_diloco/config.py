@@ -173,8 +173,8 @@ class RunConfig:
         for key in ("num_clients", "inner_steps", "rounds", "vocab_size", "seq_len",
                     "batch_size", "eval_every", "eval_sequences"):
             _at_least(key, getattr(self, key), 1)
-        for key in ("warmup_steps", "max_documents", "threads_per_worker", "server_threads", "checkpoint_every",
-                    "max_reply_bytes", "micro_batch_size"):
+        for key in ("warmup_steps", "max_documents", "threads_per_worker", "server_threads",
+                    "checkpoint_every", "max_reply_bytes", "micro_batch_size"):
             _at_least(key, getattr(self, key), 0)
         if self.micro_batch_size and (self.micro_batch_size > self.batch_size
                                       or self.batch_size % self.micro_batch_size):

@@ -9,7 +9,8 @@ the tensors autograd keeps for the backward pass, per token, with saved-tensor h
 A CUDA flash-attention kernel keeps about what PyTorch's CPU kernel keeps (q, k, v, the
 output and a log-sum-exp per row), never the T × T scores.
 
-Then, per worker (one process, one CUDA context), in bytes, N = parameters:
+Then, per worker (one process, one CUDA context), in bytes, N = parameters (the fixed parts
+are fl_diloco/memory.py's, the estimate the start-up check refuses runs with):
     fp32 weights 4N + fp32 gradients 4N + AdamW moments 8N + bf16 weight copies 2N
     + activations: micro_batch_size · seq_len · (per block and token · L + outside per token)
     + the loss's backward: about 6 · vocab bytes per token (fp32 and bf16 logit gradients)
@@ -38,12 +39,14 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from fl_diloco import memory  # noqa: E402
 from fl_diloco.model import ModelConfig, Transformer, count_parameters, model_config  # noqa: E402
 
-GIB = 2**30
-CONTEXT_BYTES = 1 * GIB
-STATE_BYTES_PER_PARAM = 4 + 4 + 8 + 2  # weights, gradients, AdamW moments, bf16 copies
-LOSS_BACKWARD_BYTES_PER_LOGIT = 6  # fp32 + bf16 gradient of the logits
+# The fixed parts of the estimate are fl_diloco.memory's, which the start-up check uses too.
+GIB = memory.GIB
+CONTEXT_BYTES = memory.CUDA_CONTEXT_BYTES
+STATE_BYTES_PER_PARAM = memory.TRAINING_STATE_BYTES_PER_PARAM + memory.AUTOCAST_COPY_BYTES_PER_PARAM
+LOSS_BACKWARD_BYTES_PER_LOGIT = memory.LOSS_BACKWARD_BYTES_PER_LOGIT["bf16"]
 DEVICES_GB = (24, 40, 80)
 PAPER_PRESETS = ("35m", "100m", "200m", "300m", "500m", "1b")
 PROBE_TOKENS = 128  # tokens per sequence in the measurement (the bytes per token do not depend on it)

@@ -39,9 +39,10 @@ def inner_lr_at(step: int, cfg: RunConfig) -> float:
     """Learning rate for inner step `step` (0-based): linear warmup, then cosine to a floor.
 
     The cosine spans the whole run's inner steps (rounds × H), not one phase: DiLoCo's inner
-    optimizer is one long AdamW run that happens to be interrupted by outer steps.
+    optimizer is one long AdamW run that happens to be interrupted by outer steps. A run
+    extended past its planned rounds (`lr_schedule_rounds` < rounds) stays at the floor.
     """
-    total = cfg.total_inner_steps
+    total = cfg.lr_schedule_steps
     if step < cfg.warmup_steps:
         return cfg.inner_lr * (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))

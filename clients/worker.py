@@ -44,6 +44,7 @@ from clients.inner_loop import InnerTrainer, mean_loss
 from fl_diloco.config import RunConfig, resolve_device
 from fl_diloco.data import BatchStream, Corpus, load_corpus
 from fl_diloco.flops import mfu
+from fl_diloco.memory import check_memory
 from fl_diloco.model import Transformer, model_config
 from strategies.codecs import decode_tensors, encode_tensors
 from strategies.fragments import fragment_names, round_fragment, stale_round
@@ -166,6 +167,8 @@ class Worker:
                 device = resolve_device(request.get("device") or cfg.device)
                 if device == "cpu":
                     torch.set_num_threads(worker_threads(cfg))
+                # A node elsewhere has its own memory: refuse with the numbers, not by OOM.
+                check_memory(cfg.replace(device=device), workers_here=1, server_here=False)
                 self.trainer, self.cfg, self.partition = build_trainer(cfg, *partition, device), cfg, partition
             cfg, trainer = self.cfg, self.trainer
             initial = request["params"]

@@ -1,9 +1,12 @@
 """Entry point of a node's persistent worker process: `python -m clients.worker_process`.
 
 It serves requests from the node's ClientApp adapter over the private channel (see
-`clients.channel`) until one of three things ends it: a `shutdown` request at the end of
-the run, the node going away (the watched pid disappears), or no request for
-`--idle-timeout` seconds. It never outlives its node, so no orphan is left behind.
+`clients.channel`) until one of four things ends it: a `shutdown` request at the end of
+the run, the node going away (the watched pid disappears), no request for `--idle-timeout`
+seconds, or, once another run has started a worker on this machine, no request for
+`--yield-after` seconds (a run whose server is alive sends one at least every round_timeout,
+so this worker's server failed or was killed: its memory goes to the new run). It never
+outlives its node, so no orphan is left behind.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import time
 from multiprocessing.connection import Listener
 from pathlib import Path
 
-from clients.channel import KEY_NAME, PID_NAME, SOCKET_NAME
+from clients.channel import ANOTHER_RUN, KEY_NAME, PID_NAME, SOCKET_NAME
 from clients.worker import Worker
 
 
@@ -36,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", required=True, type=Path)
     parser.add_argument("--watch-pid", type=int, required=True)
     parser.add_argument("--idle-timeout", type=float, default=900.0)
+    parser.add_argument("--yield-after", type=float, default=None)
     args = parser.parse_args(argv)
 
     socket_path = args.dir / SOCKET_NAME
@@ -49,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     last_request = [time.monotonic()]
     open_requests = [0]  # requests being served; a worker waiting on its own training is not idle
     counter = threading.Lock()
+    another_run = threading.Event()  # set once another run has started a worker here
 
     def stop(reason: str, clean: bool = False) -> None:
         print(f"worker {os.getpid()} exiting: {reason}", flush=True)
@@ -64,8 +69,12 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(1.0)
             if not _pid_alive(args.watch_pid):
                 stop(f"node process {args.watch_pid} is gone")
-            if not open_requests[0] and time.monotonic() - last_request[0] > args.idle_timeout:
+            idle = 0.0 if open_requests[0] else time.monotonic() - last_request[0]
+            if idle > args.idle_timeout:
                 stop(f"no request for {args.idle_timeout:.0f}s")
+            if another_run.is_set() and args.yield_after is not None and idle > args.yield_after:
+                stop(f"another run started on this machine and this one sent nothing for "
+                     f"{args.yield_after:.0f}s: its server is gone")
 
     worker = Worker()
 
@@ -76,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 request = conn.recv()
             except EOFError:
+                return
+            if request.get("kind") == ANOTHER_RUN:  # news, not a request of our own run
+                another_run.set()
+                conn.send({"ok": True})
                 return
             with counter:
                 open_requests[0] += 1

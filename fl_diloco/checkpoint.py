@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from fl_diloco.atomic import atomic_write
-from fl_diloco.config import RunConfig
+from fl_diloco.config import ConfigError, RunConfig
 from fl_diloco.model import ModelConfig, Transformer
 
 WEIGHTS_NAME = "model.safetensors"
@@ -58,9 +58,11 @@ def load_checkpoint(directory: str | Path, device: str = "cpu") -> tuple[Transfo
 # ---------------------------------------------------------------------------------------------
 # Resumable training checkpoints: out_dir/checkpoints/round-<r>/
 #
-# Each holds the model as above (so it loads and exports like the final one) plus the outer
-# loop's state (outer_state.safetensors: θ, outer momentum, the averages still in flight) and
-# state.json (round, tokens, round history, RNG, data positions, and the SHA-256 of every file).
+# Written every `checkpoint_every` outer steps and always after the final round, so that every
+# finished run can be extended (fl_diloco/resume.py). Each holds the model as above (so it
+# loads and exports like the final one) plus the outer loop's state (outer_state.safetensors:
+# θ, outer momentum, the averages still in flight) and state.json (round, tokens, round
+# history, RNG, data positions, and the SHA-256 of every file).
 # A checkpoint is written into a temporary directory and renamed into place, so a crash leaves
 # either the whole checkpoint or none of it; the newest `keep` are kept.
 
@@ -70,8 +72,9 @@ STATE_NAME = "state.json"
 _ROUND_PREFIX = "round-"
 
 
-class CheckpointError(ValueError):
-    """A training checkpoint is missing, corrupt or does not fit the run; names the file."""
+class CheckpointError(ConfigError):
+    """A training checkpoint is missing, corrupt or does not fit the run; names the file.
+    A ConfigError: the user fixes it (a path, a key, a checkpoint to move aside)."""
 
 
 @dataclasses.dataclass

@@ -18,6 +18,7 @@ import socket
 import sys
 import textwrap
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -116,11 +117,14 @@ def _plain_values(override: str) -> list[str]:
     return [value] if isinstance(value, str) else []
 
 
-def run_job(cfg: RunConfig) -> dict:
+def run_job(cfg: RunConfig, explicit_keys: Collection[str] = ()) -> dict:
+    """Run one job; `explicit_keys` are the config keys the command line set (for a resume)."""
     from fl_diloco.console import quiet_third_party_output
     from fl_diloco.preflight import check_before_start
 
-    check_before_start(cfg)  # before anything starts or any directory is made
+    # Before anything starts or any directory is made; the workers all run on this machine
+    # (the data-parallel baseline trains one model).
+    check_before_start(cfg, workers_here=1 if cfg.algorithm == "dp" else cfg.num_clients)
     quiet_third_party_output()
     if cfg.algorithm == "dp":
         from fl_diloco.dp_baseline import train_data_parallel
@@ -128,7 +132,7 @@ def run_job(cfg: RunConfig) -> dict:
         return train_data_parallel(cfg)
     from fl_diloco.simulation import simulate
 
-    return simulate(cfg)
+    return simulate(cfg, explicit_keys)
 
 
 # --------------------------------------------------------------------------------------
@@ -233,7 +237,8 @@ def _hydra_train(overrides: list[str], command: list[str]) -> list[dict[str, Any
         hydra_config = HydraConfig.get()
         if hydra_config.mode != RunMode.MULTIRUN:
             try:
-                run_job(RunConfig.from_mapping(values))
+                run_job(RunConfig.from_mapping(values),
+                        explicit_keys={item.split("=", 1)[0].lstrip("+~") for item in hydra_config.overrides.task})
             except ConfigError as err:
                 config_errors.append(err)
             return

@@ -89,12 +89,17 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         partition_id, num_partitions = _node_partition(context)
         worker = WorkerHandle(context.run_id, context.node_id)
         # The parent of this process stands for the node: the SuperNode in deployment, the
-        # Ray raylet in simulation. The worker exits when it goes away.
-        worker.ensure_running(watch_pid=os.getppid(), idle_timeout=cfg.worker_idle_timeout)
+        # Ray raylet in simulation. The worker exits when it goes away. A live server sends
+        # every node a request at least once a round_timeout: a worker that waits longer has no
+        # server, and yields to a newer run.
+        worker.ensure_running(watch_pid=os.getppid(), idle_timeout=cfg.worker_idle_seconds,
+                              yield_after=cfg.round_timeout, start_timeout=cfg.startup_timeout)
         request = {"kind": kind, "run_config": cfg.to_dict(), "partition_id": partition_id,
                    "num_partitions": num_partitions, "device": context.node_config.get("device"),
                    **fields}
-        return worker.call(request, timeout=cfg.round_timeout)
+        # A prepare builds the worker's corpus and model: start-up, not a round.
+        timeout = cfg.startup_timeout if kind == PREPARE_ACTION else cfg.round_timeout
+        return worker.call(request, timeout=timeout)
 
     @app.query(PREPARE_ACTION)
     def prepare(msg: Message, context: Context) -> Message:

@@ -29,6 +29,8 @@ COMPUTE_PRECISIONS = ("auto", "bf16", "fp32")
 # to do with bytes that are not UTF-8 (Python's `errors=` names).
 DOCUMENT_UNITS = ("file", "paragraph")
 ENCODING_ERRORS = ("strict", "replace")
+# worker_idle_timeout=0: a worker exits after this many round timeouts without a request.
+IDLE_ROUND_TIMEOUTS = 3
 
 
 class ConfigError(ValueError):
@@ -65,6 +67,9 @@ class RunConfig:
     inner_lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
+    # The outer steps the warmup + cosine spans (0 = rounds). A run extended past its rounds
+    # (resume=DIR rounds=N) keeps its original value, so its extra steps run at the floor LR.
+    lr_schedule_rounds: int = 0
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -93,8 +98,8 @@ class RunConfig:
     eval_every: int = 5
     eval_sequences: int = 256
     out_dir: str = ""  # "" = ./runs/<algorithm>-<timestamp>, made absolute at start
-    # Every `checkpoint_every` outer steps the server writes a resumable checkpoint (0 = only
-    # the final model); the newest `keep_checkpoints` are kept.
+    # Every `checkpoint_every` outer steps the server writes a resumable checkpoint (0 = none
+    # but the final round's, which every run writes); the newest `keep_checkpoints` are kept.
     checkpoint_every: int = 5
     keep_checkpoints: int = 2
     # A run's out_dir to continue from its newest checkpoint ("" = start fresh).
@@ -117,8 +122,12 @@ class RunConfig:
     # The server's evaluation and aggregation (0 = the cores the workers leave free, at least 1).
     server_threads: int = 0
     round_timeout: float = 600.0
+    # Seconds every worker has to start (load its corpus, build its model) and confirm θ(0).
+    startup_timeout: float = 1800.0
     node_wait_timeout: float = 120.0
-    worker_idle_timeout: float = 900.0
+    # 0 = IDLE_ROUND_TIMEOUTS × round_timeout: a run's server sends each node a request at least
+    # once a round_timeout, so a worker idle for several of them has no server driving it.
+    worker_idle_timeout: float = 0.0
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -173,8 +182,8 @@ class RunConfig:
         for key in ("num_clients", "inner_steps", "rounds", "vocab_size", "seq_len",
                     "batch_size", "eval_every", "eval_sequences"):
             _at_least(key, getattr(self, key), 1)
-        for key in ("warmup_steps", "max_documents", "threads_per_worker", "server_threads",
-                    "checkpoint_every", "max_reply_bytes", "micro_batch_size"):
+        for key in ("warmup_steps", "lr_schedule_rounds", "max_documents", "threads_per_worker",
+                    "server_threads", "checkpoint_every", "max_reply_bytes", "micro_batch_size"):
             _at_least(key, getattr(self, key), 0)
         if self.micro_batch_size and (self.micro_batch_size > self.batch_size
                                       or self.batch_size % self.micro_batch_size):
@@ -183,8 +192,7 @@ class RunConfig:
         if self.peak_flops < 0:
             raise ConfigError(f"peak_flops must be >= 0 (0 = look the device up), got {self.peak_flops}")
         _at_least("vocab_size", self.vocab_size, 257)  # byte-level BPE needs the 256 bytes
-        for key in ("inner_lr", "outer_lr", "round_timeout", "node_wait_timeout",
-                    "worker_idle_timeout"):
+        for key in ("inner_lr", "outer_lr", "round_timeout", "startup_timeout", "node_wait_timeout"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
         for key in ("min_lr_ratio", "beta1", "beta2", "outer_momentum", "weight_decay"):
@@ -193,6 +201,9 @@ class RunConfig:
         if not 0.0 < self.val_fraction < 0.5:
             raise ConfigError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
         _at_least("keep_checkpoints", self.keep_checkpoints, 1)
+        if self.worker_idle_timeout < 0:
+            raise ConfigError(f"worker_idle_timeout must be >= 0 (0 = {IDLE_ROUND_TIMEOUTS} × "
+                              f"round_timeout), got {self.worker_idle_timeout}")
         if self.outlier_norm_ratio != 0 and not self.outlier_norm_ratio > 1:
             raise ConfigError(f"outlier_norm_ratio must be > 1 (or 0 to disable the check), "
                               f"got {self.outlier_norm_ratio}")
@@ -286,8 +297,19 @@ class RunConfig:
         return bool(self.checkpoint_every) and server_round % (self.checkpoint_every * self.num_fragments) == 0
 
     @property
+    def worker_idle_seconds(self) -> float:
+        """How long a worker lives without a request: worker_idle_timeout, or by default a few
+        round timeouts, so that a worker whose server failed does not hold its memory for long."""
+        return self.worker_idle_timeout or IDLE_ROUND_TIMEOUTS * self.round_timeout
+
+    @property
     def total_inner_steps(self) -> int:
         return self.rounds * self.inner_steps
+
+    @property
+    def lr_schedule_steps(self) -> int:
+        """Inner steps the warmup + cosine spans: lr_schedule_rounds (or rounds) × H."""
+        return (self.lr_schedule_rounds or self.rounds) * self.inner_steps
 
     def data_config(self) -> Any:
         from fl_diloco.data import DataConfig
@@ -349,6 +371,8 @@ def key_help() -> dict[str, tuple[str, str]]:
         "inner_lr": ("AdamW's peak learning rate, reached after warmup_steps", "> 0"),
         "min_lr_ratio": ("the cosine decay ends at inner_lr × this", "0 <= x <= 1"),
         "warmup_steps": ("inner steps of linear learning-rate warmup", ">= 0"),
+        "lr_schedule_rounds": ("outer steps the warmup + cosine spans (0 = rounds); a run extended "
+                               "with resume keeps its original's and trains on at the floor", ">= 0"),
         "weight_decay": ("AdamW weight decay on matrices (norms and other 1-D weights get none)",
                          "0 <= x < 1"),
         "beta1": ("AdamW β1", "0 <= x < 1"),
@@ -378,11 +402,11 @@ def key_help() -> dict[str, tuple[str, str]]:
         "eval_sequences": ("held-out sequences per evaluation", ">= 1"),
         "out_dir": ("where the run writes config, metrics, summary, plots and checkpoints; "
                     "empty = ./runs/<algorithm>-<timestamp>", "an absolute path, or empty"),
-        "checkpoint_every": ("a resumable checkpoint every N outer steps (0 = only the final "
-                             "model)", ">= 0"),
+        "checkpoint_every": ("a resumable checkpoint every N outer steps and after the last "
+                             "(0 = after the last only)", ">= 0"),
         "keep_checkpoints": ("how many of the newest resumable checkpoints to keep", ">= 1"),
-        "resume": ("a run's out_dir: continue it from its newest checkpoint (empty = start "
-                   "fresh)", "an absolute path, or empty"),
+        "resume": ("a run's out_dir: continue it from its newest checkpoint, or extend it with "
+                   "rounds=N (empty = start fresh)", "an absolute path, or empty"),
         "tensorboard": ("also write the metrics as TensorBoard events under out_dir/tensorboard",
                         "true | false"),
         "outlier_norm_ratio": ("reject an outer gradient whose norm exceeds this × the round's "
@@ -406,10 +430,15 @@ def key_help() -> dict[str, tuple[str, str]]:
                            "sets its cores)", ">= 0"),
         "round_timeout": ("seconds a round waits for replies after the previous one closed; "
                           "then it closes with the replies it has", "> 0"),
+        "startup_timeout": ("seconds the workers have to start (load the corpus, build the model) "
+                            "and confirm θ(0); then the run stops, naming the nodes that did not "
+                            "and quoting their worker logs", "> 0"),
         "node_wait_timeout": ("seconds the server waits for num_clients nodes to connect",
                               "> 0"),
-        "worker_idle_timeout": ("seconds a worker process lives without a request, then exits",
-                                "> 0"),
+        "worker_idle_timeout": ("seconds a worker process lives without a request, then exits "
+                                f"(0 = {IDLE_ROUND_TIMEOUTS} × round_timeout); it also leaves once "
+                                "a newer run starts on its machine and its own run has sent it "
+                                "nothing for a round_timeout", ">= 0"),
     }
 
 

@@ -26,6 +26,14 @@ The summary repeats this in `extra["bytes_model"]` so no one mistakes it for a m
 micro-batches run one after another, evaluation excluded); `idle_seconds` is 0. On the CPU
 the process keeps torch's default thread count unless `threads_per_worker` is set, in which
 case it uses that many threads (it is the only worker process).
+
+Speed: bench/dp_baseline_speed.py times a step against a plain PyTorch loop that runs the
+global batch in one pass; on a quiet 2-core CPU the M micro-batches were the faster of the
+two (smaller batches stay in cache), which is why they stay. Compare its tokens/s with a
+DiLoCo run's only on a quiet machine: DiLoCo's M workers run as M processes of cpu_count/M
+threads, this baseline as one process of cpu_count threads, and on cores shared with other
+work a process whose threads wait for each other at every operation slows down several times
+more than M single-threaded ones (`threads_per_worker=1` shows it).
 """
 
 from __future__ import annotations
@@ -35,13 +43,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from clients.inner_loop import clip_and_step, inner_lr_at, make_inner_optimizer
 from clients.worker import worker_stream
 from fl_diloco.checkpoint import save_checkpoint
-from fl_diloco.config import RunConfig, resolve_device
+from fl_diloco.config import ConfigError, RunConfig, resolve_device
 from fl_diloco.data import BatchStream, Corpus, load_corpus
 from fl_diloco.evaluation import evaluate
 from fl_diloco.model import Transformer, model_config, num_parameters
@@ -72,12 +79,14 @@ def worker_streams(cfg: RunConfig, corpus: Corpus) -> list[BatchStream]:
 
 def accumulate_mean_gradient(model: torch.nn.Module,
                              batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                             device: str) -> list[float]:
-    """Leave in `.grad` the mean of the local batches' loss gradients; return their losses.
+                             device: str) -> torch.Tensor:
+    """Leave in `.grad` the mean of the local batches' loss gradients; return their losses
+    (a detached tensor, one per batch, on `device`).
 
     Each local loss is already a mean over its batch's tokens, so with equal-sized local
     batches this is the gradient of the mean loss over the concatenated global batch.
-    Any gradient left in `.grad` beforehand is cleared first.
+    Any gradient left in `.grad` beforehand is cleared first. The losses stay on the device:
+    reading each one (`.item()`) would make the host wait for the GPU every micro-batch.
     """
     model.zero_grad(set_to_none=True)
     count = len(batches)
@@ -85,7 +94,16 @@ def accumulate_mean_gradient(model: torch.nn.Module,
     for inputs, targets in batches:
         _, loss = model(inputs.to(device), targets.to(device))
         (loss / count).backward()
-        losses.append(loss.item())
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
+def data_parallel_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       streams: Sequence[BatchStream], lr: float, cfg: RunConfig, device: str) -> torch.Tensor:
+    """One optimizer step on the next global batch (one local batch per stream); returns
+    the local batches' losses, as accumulate_mean_gradient does."""
+    losses = accumulate_mean_gradient(model, [s.next_batch() for s in streams], device)
+    clip_and_step(model, optimizer, lr, cfg.grad_clip)
     return losses
 
 
@@ -94,6 +112,9 @@ def train_data_parallel(cfg: RunConfig) -> dict[str, Any]:
     (also written to summary.json under the output directory)."""
     if cfg.algorithm != "dp":
         cfg = cfg.replace(algorithm="dp")  # config.json and the default out_dir say "dp"
+    if cfg.resume:
+        raise ConfigError(f"resume={cfg.resume}: algorithm=dp runs in one process and writes no "
+                          f"resumable checkpoint; leave resume unset to start it again")
     out_dir = prepare_out_dir(cfg)
     with failure_recorded(out_dir):
         return _train_into(out_dir, cfg)
@@ -129,13 +150,11 @@ def _train_into(out_dir: Path, cfg: RunConfig) -> dict[str, Any]:
     model.train()
     for round_ in range(1, cfg.rounds + 1):
         began = time.perf_counter()
-        losses = np.zeros((cfg.inner_steps, m_total))
-        for i in range(cfg.inner_steps):
-            losses[i] = accumulate_mean_gradient(model, [s.next_batch() for s in streams], device)
-            clip_and_step(model, optimizer, inner_lr_at(step, cfg), cfg.grad_clip)
+        step_losses = []
+        for _ in range(cfg.inner_steps):
+            step_losses.append(data_parallel_step(model, optimizer, streams, inner_lr_at(step, cfg), cfg, device))
             step += 1
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        losses = torch.stack(step_losses).cpu().numpy()  # [inner_steps, M]; waits for the device
         seconds = time.perf_counter() - began
         compute_total += seconds
         tokens = cfg.inner_steps * m_total * cfg.batch_size * cfg.seq_len

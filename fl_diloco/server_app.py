@@ -12,10 +12,10 @@ checkpoint, summary.json and the loss plot under the run's output directory.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
+import textwrap
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -23,20 +23,22 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid import InMemoryGrid
 from flwr.supercore import log
 
+from clients.channel import LOG_NAME, worker_dir_name, worker_log_tail
 from clients.worker import worker_threads
-from fl_diloco.checkpoint import (CONFIG_NAME, CheckpointError, TrainingState, load_training_checkpoint,
-                                  save_checkpoint, save_training_checkpoint)
+from fl_diloco.checkpoint import TrainingState, save_checkpoint, save_training_checkpoint
 from fl_diloco.client_app import PREPARE_ACTION, RUN_CONFIG_KEY, SHUTDOWN_ACTION
-from fl_diloco.config import DEFAULTS, ConfigError, RunConfig, resolve_device
+from fl_diloco.config import ConfigError, RunConfig, resolve_device
 from fl_diloco.data import Corpus, load_corpus
 from fl_diloco.evaluation import evaluate
 from fl_diloco.flops import model_flops_per_token
 from fl_diloco.model import Transformer, load_parameters, model_config
 from fl_diloco.preflight import check_before_start
-from fl_diloco.reporting import (RunLog, compute_utilization, failure_recorded, finish_run, prepare_out_dir,
-                                 throughput)
+from fl_diloco.reporting import (SUMMARY_NAME, RunLog, compute_utilization, failure_recorded, finish_run,
+                                 prepare_out_dir, throughput)
+from fl_diloco.resume import complete_message, finished_summary, load_resume
 from strategies.diloco import DiLoCo, RoundStats
 from strategies.wire import serialized_bytes
 
@@ -71,6 +73,24 @@ def query_workers(grid: Grid, node_ids: list[int], action: str, timeout: float,
                 reply.error.reason)
     confirmed = {r.metadata.src_node_id for r in replies if not r.has_error()}
     return [node for node in node_ids if node not in confirmed]
+
+
+def startup_failure(run_id: int, nodes: list[int], startup_timeout: float) -> str:
+    """Why the run stops before round 1: which nodes' workers did not confirm start-up, and the
+    end of each one's worker log where this machine has it (else where it is on the node)."""
+    lines = [f"the workers of nodes {nodes} did not confirm start-up within startup_timeout="
+             f"{startup_timeout:.0f}s (an error a node sent back is logged above); raise "
+             f"startup_timeout if they are only slow"]
+    for node in nodes:
+        tail = worker_log_tail(run_id, node)
+        if tail is None:
+            lines.append(f"node {node}: its worker log is on that node, at "
+                         f"$FL_DILOCO_RUNTIME_DIR/{worker_dir_name(run_id, node)}/{LOG_NAME} "
+                         f"(default runtime folder: fl-diloco-<uid> in its temp folder)")
+        else:
+            lines.append(f"node {node}: the end of its worker log:\n"
+                         + textwrap.indent(tail or "(empty)", "    "))
+    return "\n".join(lines)
 
 
 class RoundPipeline:
@@ -174,40 +194,6 @@ def check_partitions(corpus: Corpus, cfg: RunConfig) -> None:
             )
 
 
-# Keys a resumed run may set differently from the run it continues: where and how it runs,
-# not what it computes.
-RESUMABLE_CHANGES = ("resume", "out_dir", "device", "threads_per_worker", "server_threads", "round_timeout",
-                     "node_wait_timeout", "worker_idle_timeout", "eval_every", "eval_sequences",
-                     "checkpoint_every", "keep_checkpoints", "tensorboard")
-
-
-def resume_config(cfg: RunConfig, resumed: TrainingState) -> RunConfig:
-    """The config of a resumed run: the checkpoint's, with the changes this launch asked for.
-
-    `flwr run --run-config "resume='...'"` fills every other key with its default, so a key
-    left at its default takes the checkpoint's value. A key set to something else must be one
-    that does not change what is computed (RESUMABLE_CHANGES).
-    """
-    saved = json.loads((resumed.path / CONFIG_NAME).read_text())["run_config"]
-    values = dict(saved)
-    conflicts = []
-    for key, value in cfg.to_dict().items():
-        if value == DEFAULTS[key] or value == saved.get(key):
-            continue
-        if key in RESUMABLE_CHANGES:
-            values[key] = value
-        else:
-            conflicts.append(f"{key}={value!r} (the checkpoint has {saved.get(key)!r})")
-    if conflicts:
-        raise CheckpointError(f"resume={cfg.resume}: {', '.join(conflicts)}. A resumed run must compute "
-                              f"what the original run did; leave these keys out")
-    if cfg.out_dir and os.path.realpath(cfg.out_dir) != os.path.realpath(cfg.resume):
-        raise CheckpointError(f"resume={cfg.resume} continues that run in its own directory; "
-                              f"leave out_dir unset or equal to it (got out_dir={cfg.out_dir})")
-    values.update(resume=cfg.resume, out_dir=cfg.resume)
-    return RunConfig.from_mapping(values)
-
-
 def prepare_content(strategy: DiLoCo, cfg: RunConfig, after_round: int) -> RecordDict:
     """A prepare message: the worker's state after `after_round`, and the run config the server
     resolved (a resumed run's config comes from its checkpoint, not from the node)."""
@@ -237,18 +223,29 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
-    """DiLoCo's outer loop; returns the run's summary (also written to summary.json)."""
+def run_server(grid: Grid, cfg: RunConfig, explicit_keys: Collection[str] = ()) -> dict[str, Any]:
+    """DiLoCo's outer loop; returns the run's summary (also written to summary.json).
+
+    With `cfg.resume` it continues or extends that run (fl_diloco/resume.py; `explicit_keys`
+    are the keys the launch set itself); a run that is already complete is left as it is and
+    its summary returned, without a word to the workers.
+    """
     if cfg.algorithm == "dp":
         raise ConfigError("algorithm=dp is the single-process data-parallel baseline, not a Flower "
                           "run; start it with `fl-diloco train algorithm=dp`")
     # A resume reads (and verifies) its checkpoint before writing anything, so a corrupt one
     # leaves the run directory exactly as it was.
-    resumed = load_training_checkpoint(cfg.resume) if cfg.resume else None
-    if resumed:
-        cfg = resume_config(cfg, resumed)
-    check_before_start(cfg)  # `flwr run` reaches here without the CLI's checks
+    resumed = None
+    if cfg.resume:
+        cfg, resumed = load_resume(cfg, explicit_keys)
+        if (summary := finished_summary(cfg)) is not None:
+            log(INFO, "%s", complete_message(cfg))
+            return summary
+    # `flwr run` reaches here without the CLI's checks; in a simulation the workers share this machine.
+    check_before_start(cfg, workers_here=cfg.num_clients if isinstance(grid, InMemoryGrid) else 0)
     out_dir = prepare_out_dir(cfg)
+    if resumed:  # the run is unfinished again until it writes a new summary
+        (out_dir / SUMMARY_NAME).unlink(missing_ok=True)
     with failure_recorded(out_dir), torch_threads(server_threads(cfg)):
         # The workers key their node-local state by the run's directory: give them the real one.
         return train_rounds(grid, cfg.replace(out_dir=str(out_dir)), resumed)
@@ -290,10 +287,12 @@ def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> d
     setup_began = time.perf_counter()
     worker_state = prepare_content(strategy, cfg, start_round)
     log(INFO, "starting %d workers: each loads the corpus and builds its model", len(node_ids))
-    not_ready = query_workers(grid, node_ids, PREPARE_ACTION, cfg.round_timeout, worker_state)
+    not_ready = query_workers(grid, node_ids, PREPARE_ACTION, cfg.startup_timeout, worker_state)
     round_began = time.perf_counter()  # the workers train from here on (see the tokens/s below)
     if not_ready:
-        raise RuntimeError(f"the workers of nodes {not_ready} could not start; see the log above")
+        # The others are training already: stop them rather than leave them waiting for rounds.
+        query_workers(grid, node_ids, SHUTDOWN_ACTION, timeout=30)
+        raise RuntimeError(startup_failure(grid.run.run_id, not_ready, cfg.startup_timeout))
     setup_bytes = serialized_bytes(worker_state) * len(node_ids)
     log(INFO, "%d workers ready in %.1fs; they are training", len(node_ids),
         time.perf_counter() - setup_began)
@@ -345,7 +344,8 @@ def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> d
             "bytes_down": stats.bytes_down,
             "clients": stats.per_client,
         })
-        if cfg.checkpoint_due(server_round):
+        # The final round always: so that every finished run can be extended.
+        if cfg.checkpoint_due(server_round) or server_round == cfg.flower_rounds:
             outer_tensors, strategy_meta = strategy.state_dict()
             save_training_checkpoint(
                 out_dir, server_round, strategy.params, outer_tensors,
@@ -415,7 +415,9 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, RunConfig.from_mapping({**dict(context.run_config), **dict(overrides or {})}))
+        # The overrides (the simulation's whole config) are set on purpose, not defaults.
+        run_server(grid, RunConfig.from_mapping({**dict(context.run_config), **dict(overrides or {})}),
+                   explicit_keys=tuple(overrides or ()))
 
     return app
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from clients.channel import VISIBLE_GPUS_ENV
 from fl_diloco.client_app import make_client_app
 from fl_diloco.config import RunConfig
 from fl_diloco.reporting import FAILED_NAME, SUMMARY_NAME, default_out_dir
+from fl_diloco.resume import complete_message, finished_summary, load_resume
 from fl_diloco.server_app import make_server_app
 
 
@@ -41,15 +42,19 @@ def _without_run_simulation_deprecation_banner() -> Iterator[None]:
         FLOWER_LOGGER.removeFilter(not_the_banner)
 
 
-def simulate(cfg: RunConfig) -> dict[str, Any]:
-    """Train `cfg` with `num_clients` simulated SuperNodes; returns summary.json's content."""
+def simulate(cfg: RunConfig, explicit_keys: Collection[str] = ()) -> dict[str, Any]:
+    """Train `cfg` with `num_clients` simulated SuperNodes; returns summary.json's content.
+
+    `explicit_keys`: the keys the user set (fl_diloco/resume.py); they matter to a resume only.
+    A resume of a run that is already complete says so and returns its summary, starting nothing.
+    """
     from flwr.simulation import run_simulation
 
     if cfg.resume:  # the checkpoint's config says how many SuperNodes to simulate
-        from fl_diloco.checkpoint import load_training_checkpoint
-        from fl_diloco.server_app import resume_config
-
-        cfg = resume_config(cfg, load_training_checkpoint(cfg.resume))
+        cfg, _ = load_resume(cfg, explicit_keys)
+        if (summary := finished_summary(cfg)) is not None:
+            print(complete_message(cfg), flush=True)
+            return summary
     if not cfg.out_dir:
         cfg = cfg.replace(out_dir=default_out_dir(cfg.algorithm))
     # Remember which GPUs exist before Ray hides them from the (GPU-less) ClientApps; the

@@ -73,8 +73,8 @@ def test_accumulated_gradient_is_the_gradient_of_the_global_batch_mean_loss():
     model.zero_grad(set_to_none=True)
     _, global_loss = model(inputs, targets)
     global_loss.backward()
-    assert len(losses) == m_total
-    assert np.mean(losses) == pytest.approx(global_loss.item(), rel=1e-6)
+    assert losses.shape == (m_total,) and not losses.requires_grad
+    assert losses.mean().item() == pytest.approx(global_loss.item(), rel=1e-6)
     for n, p in model.named_parameters():
         torch.testing.assert_close(accumulated[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
     # The check has teeth: an unscaled sum (missing 1/M) is M times larger.

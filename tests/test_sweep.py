@@ -27,7 +27,7 @@ def fake_training(monkeypatch):
     """Replace training with writing a run's files; a run with outer_lr=0.5 raises."""
     ran: list[RunConfig] = []
 
-    def fake_run_job(cfg: RunConfig) -> dict:
+    def fake_run_job(cfg: RunConfig, explicit_keys=()) -> dict:
         ran.append(cfg)
         if cfg.outer_lr == 0.5:
             raise RuntimeError("the worker of partition 1 died")

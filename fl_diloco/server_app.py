@@ -67,9 +67,13 @@ def query_workers(grid: Grid, node_ids: list[int], action: str, timeout: float,
                         message_type=f"{MessageType.QUERY}.{action}", dst_node_id=node)
                 for node in node_ids]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
+    # Pushing gave each message its id. An error the SuperLink writes for a node it lost
+    # carries the SuperLink's own id as sender: name the node asked.
+    asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     for reply in replies:
         if reply.has_error():
-            log(WARNING, "node %d could not %s its worker: %s", reply.metadata.src_node_id, action,
+            log(WARNING, "node %d could not %s its worker: %s",
+                asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id), action,
                 reply.error.reason)
     confirmed = {r.metadata.src_node_id for r in replies if not r.has_error()}
     return [node for node in node_ids if node not in confirmed]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterable
+from types import SimpleNamespace
 
 from flwr.app import Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
@@ -33,6 +34,7 @@ class ServerKilled(RuntimeError):
 class FakeGrid:
     def __init__(self, num_nodes: int, first_node_id: int = 100) -> None:
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+        self.run = SimpleNamespace(run_id=TaskIdentity.run_id)  # what the ServerApp reads of Grid.run
         self.partitions = {first_node_id + i: i for i in range(num_nodes)}
         self.workers = {node: Worker() for node in self.partitions}
         self.replies: dict[str, Message] = {}
@@ -41,7 +43,9 @@ class FakeGrid:
         # Faults: (node, round) → what happens to that node's train request of that round.
         self.crash_at: set[tuple[int, int]] = set()
         self.silent_at: set[tuple[int, int]] = set()
-        self.unavailable_at: set[tuple[int, int]] = set()  # the SuperLink lost the node
+        # The SuperLink lost the node: it answers a train request of that round, or with
+        # round 0 every other request, with its own error.
+        self.unavailable_at: set[tuple[int, int]] = set()
         self.kill_server_at: int | None = None  # the server "dies" as it opens this round
         self.log: list[str] = []
 
@@ -82,16 +86,16 @@ class FakeGrid:
         kind = message.metadata.message_type
         request = {"partition_id": self.partitions[node], "num_partitions": len(self.partitions),
                    "device": "cpu"}
+        server_round = int(message.content[CONFIG_KEY]["round"]) if kind == MessageType.TRAIN else 0
+        if (node, server_round) in self.unavailable_at:
+            self.log.append(f"node {node} unavailable in round {server_round}")
+            with self.lock:
+                self.replies[message.metadata.message_id] = create_message_error_unavailable_res_message(
+                    message.metadata, "node_unavail")
+            return
         if kind == MessageType.TRAIN:
-            server_round = int(message.content[CONFIG_KEY]["round"])
             if (node, server_round) in self.silent_at:
                 self.log.append(f"node {node} silent in round {server_round}")
-                return
-            if (node, server_round) in self.unavailable_at:
-                self.log.append(f"node {node} unavailable in round {server_round}")
-                with self.lock:
-                    self.replies[message.metadata.message_id] = create_message_error_unavailable_res_message(
-                        message.metadata, "node_unavail")
                 return
             if (node, server_round) in self.crash_at:
                 self.crash(node)

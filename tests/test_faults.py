@@ -88,6 +88,16 @@ def test_a_node_the_superlink_lost_is_named_and_counted_apart_from_rejected_repl
     assert "node 1 failed" not in caplog.text
 
 
+def test_a_node_lost_before_round_1_is_named_too(tmp_path, caplog):
+    cfg = small_config(tmp_path, startup_timeout=60.0)
+    grid = FakeGrid(2)
+    grid.unavailable_at.add((101, 0))
+    with pytest.raises(RuntimeError, match=r"nodes \[101\]"):
+        _run(cfg, grid)
+    assert "node 101 could not prepare its worker: Error: Node Unavailable" in caplog.text
+    assert "node 1 could not" not in caplog.text
+
+
 def test_a_joiner_starts_from_the_servers_state(tmp_path):
     """The state a restarted worker receives is the server's θ and momentum after the round,
     and its data stream is where a worker that never stopped would be."""

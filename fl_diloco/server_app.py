@@ -27,7 +27,8 @@ from flwr.superlink.grid import InMemoryGrid
 from flwr.supercore import log
 
 from clients.channel import LOG_NAME, worker_dir_name, worker_log_tail
-from clients.worker import worker_threads
+from clients.progress import slowest_step
+from clients.worker import optimizer_state_dir, worker_threads
 from fl_diloco.checkpoint import TrainingState, save_checkpoint, save_training_checkpoint
 from fl_diloco.client_app import PREPARE_ACTION, RUN_CONFIG_KEY, SHUTDOWN_ACTION
 from fl_diloco.config import ConfigError, RunConfig, resolve_device
@@ -300,10 +301,13 @@ def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> d
     setup_bytes = serialized_bytes(worker_state) * len(node_ids)
     log(INFO, "%d workers ready in %.1fs; they are training", len(node_ids),
         time.perf_counter() - setup_began)
-    run_log = RunLog(out_dir, cfg.flower_rounds, continue_after=start_round if resumed else None,
-                     tensorboard=cfg.tensorboard)
-    if not resumed:
+    if not resumed:  # said before the progress bar appears, which a log line would break
         log(INFO, "evaluating the initial model on %d held-out sequences", len(validation))
+    worker_folders = [optimizer_state_dir(cfg, p) for p in range(cfg.num_clients)]
+    run_log = RunLog(out_dir, cfg.flower_rounds, continue_after=start_round if resumed else None,
+                     tensorboard=cfg.tensorboard, steps_per_round=cfg.sync_interval,
+                     step_source=lambda: slowest_step(worker_folders))
+    if not resumed:
         eval_loss, eval_seconds = eval_params(strategy.params)
         run_log.log({"round": 0, "outer_step": 0, "tokens_total": 0, "eval_loss": eval_loss,
                      "eval_seconds": eval_seconds})

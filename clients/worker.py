@@ -41,6 +41,7 @@ import torch
 
 from clients.fragment import Fragment
 from clients.inner_loop import InnerTrainer, mean_loss
+from clients.progress import ProgressPublisher
 from fl_diloco.config import RunConfig, resolve_device
 from fl_diloco.data import BatchStream, Corpus, load_corpus
 from fl_diloco.flops import mfu
@@ -116,6 +117,7 @@ class Worker:
         self._stopping = False
         self._generation = 0  # bumped to end the running inner loop (a restart from new state)
         self._inner_loop: threading.Thread | None = None
+        self._progress: ProgressPublisher | None = None
 
     # ----- requests from the ClientApp adapter (any thread) -----
 
@@ -170,6 +172,7 @@ class Worker:
                 # A node elsewhere has its own memory: refuse with the numbers, not by OOM.
                 check_memory(cfg.replace(device=device), workers_here=1, server_here=False)
                 self.trainer, self.cfg, self.partition = build_trainer(cfg, *partition, device), cfg, partition
+                self._progress = ProgressPublisher(optimizer_state_dir(cfg, partition[0]))
             cfg, trainer = self.cfg, self.trainer
             initial = request["params"]
             trainer.load_parameters(initial)
@@ -285,6 +288,7 @@ class Worker:
             began = time.perf_counter()
             meter.losses.append(trainer.train_step())
             meter.compute_seconds += time.perf_counter() - began
+            self._progress.publish(step)
 
             if step % interval == 0:
                 server_round = step // interval

@@ -121,6 +121,8 @@ class RunConfig:
     compile: bool = False  # torch.compile the worker's model
     peak_flops: float = 0.0  # one worker's peak FLOP/s for MFU (0 = fl_diloco.flops' table)
     threads_per_worker: int = 0  # 0 = share the machine's cores among the workers
+    # The server's evaluation and aggregation (0 = the cores the workers leave free, at least 1).
+    server_threads: int = 0
     round_timeout: float = 600.0
     # Seconds every worker has to start (load its corpus, build its model) and confirm θ(0).
     startup_timeout: float = 1800.0
@@ -183,7 +185,7 @@ class RunConfig:
                     "batch_size", "eval_every", "eval_sequences"):
             _at_least(key, getattr(self, key), 1)
         for key in ("warmup_steps", "lr_schedule_rounds", "max_documents", "threads_per_worker",
-                    "checkpoint_every", "max_reply_bytes", "micro_batch_size"):
+                    "server_threads", "checkpoint_every", "max_reply_bytes", "micro_batch_size"):
             _at_least(key, getattr(self, key), 0)
         if self.micro_batch_size and (self.micro_batch_size > self.batch_size
                                       or self.batch_size % self.micro_batch_size):
@@ -431,6 +433,10 @@ def key_help() -> dict[str, tuple[str, str]]:
                        "fl_diloco/flops.py; CPUs have none)", ">= 0"),
         "threads_per_worker": ("torch CPU threads per worker (0 = the machine's cores / "
                                "num_clients)", ">= 0"),
+        "server_threads": ("torch CPU threads of the server's evaluation and aggregation (0 = "
+                           "the cores num_clients workers leave free on the server's machine, at "
+                           "least 1: right when they share it; a coordinating site of its own "
+                           "sets its cores)", ">= 0"),
         "round_timeout": ("seconds a round waits for replies after the previous one closed; "
                           "then it closes with the replies it has", "> 0"),
         "startup_timeout": ("seconds the workers have to start (load the corpus, build the model) "

@@ -64,12 +64,12 @@ def format_duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def round_progress_bar(total: int, initial: int) -> Any:
-    """A bar of rounds with elapsed time and ETA, on a terminal only (None otherwise: the
+def round_progress_bar(total: int, initial: int, unit: str = "rounds") -> Any:
+    """A progress bar with elapsed time and ETA, on a terminal only (None otherwise: the
     per-round lines carry the ETA there)."""
     if not sys.stdout.isatty():
         return None
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, file=sys.stdout, dynamic_ncols=True, leave=False,
-                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} rounds [{elapsed}<{remaining}]")
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} " + unit + " [{elapsed}<{remaining}]")

@@ -170,6 +170,8 @@ def _train_into(out_dir: Path, cfg: RunConfig) -> dict[str, Any]:
             "tokens_per_second": tokens / seconds,
             "participants": m_total,
             "rejected": 0,
+            "unavailable": 0,
+            "unavailable_nodes": [],
             "compute_seconds": seconds,
             "idle_seconds": 0.0,
             "bytes_up": bytes_round,
@@ -192,6 +194,7 @@ def _train_into(out_dir: Path, cfg: RunConfig) -> dict[str, Any]:
                "num_parameters": n_params,
                "bytes_model": bytes_model_description(m_total, n_params),
                "rejected_replies": 0,
+               "unavailable_node_rounds": 0,
                "optimizer_steps": step,
                "global_batch_size": m_total * cfg.batch_size},
     )

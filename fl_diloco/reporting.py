@@ -6,9 +6,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,8 @@ class RunLog:
     """
 
     def __init__(self, out_dir: Path, total_rounds: int, continue_after: int | None = None,
-                 tensorboard: bool = False) -> None:
+                 tensorboard: bool = False, steps_per_round: int = 1,
+                 step_source: Callable[[], int | None] | None = None) -> None:
         self.path = out_dir / METRICS_NAME
         self.total_rounds = total_rounds
         self.records: list[dict[str, Any]] = []
@@ -83,7 +85,20 @@ class RunLog:
         # The ETA extrapolates this launch's pace (a resumed run's earlier launches may have
         # run elsewhere): seconds since it began over the rounds it has logged.
         self.launched, self.launch_round = time.perf_counter(), continue_after or 0
-        self.progress_bar = round_progress_bar(total_rounds, initial=self.launch_round)
+        # On a terminal, a bar of inner steps. `step_source` (the slowest worker's published
+        # step, where the workers share this machine: clients/progress.py) moves it within a
+        # round; without it the bar moves when a round closes.
+        self.steps_per_round = steps_per_round
+        self.progress_bar = round_progress_bar(total_rounds * steps_per_round,
+                                               initial=self.launch_round * steps_per_round,
+                                               unit="inner steps" if steps_per_round > 1 else "rounds")
+        self._bar_lock = threading.Lock()
+        self._closed = threading.Event()
+        self._poller = None
+        if self.progress_bar is not None and step_source is not None:
+            self._poller = threading.Thread(target=self._poll_steps, args=(step_source,),
+                                            name="progress", daemon=True)
+            self._poller.start()
         self.tensorboard = None
         if tensorboard:
             from fl_diloco.tracking import TensorBoardLog
@@ -101,19 +116,32 @@ class RunLog:
         line = (
             f"[round {record['round']:>3}/{self.total_rounds}] "
             f"train_loss {_fmt(record.get('train_loss'))}  "
-            f"eval_loss {_fmt(record.get('eval_loss'))}  "
-            f"tokens/s {_fmt(record.get('tokens_per_second'), '.0f')}  "
+            f"eval_loss {_fmt(record.get('eval_loss'))}"
+            + (f" ({record['eval_seconds']:.1f}s)  " if record.get("eval_seconds") is not None else "  ")
+            + f"tokens/s {_fmt(record.get('tokens_per_second'), '.0f')}  "
             f"per worker {_fmt(record.get('tokens_per_second_per_worker'), '.0f')}  "
             + (f"mfu {record['mfu']:.1%}  " if record.get("mfu") is not None else "")
             + f"up {format_bytes(record.get('bytes_up', 0))}  down {format_bytes(record.get('bytes_down', 0))}"
             + (f"  rejected {record['rejected']}" if record.get("rejected") else "")
+            + (f"  failed nodes {record['unavailable_nodes']}" if record.get("unavailable_nodes") else "")
             + (f"  eta {format_duration(eta)}" if eta is not None else "")
         )
         if self.progress_bar is None:
             print(line, flush=True)
         else:
             self.progress_bar.write(line)
-            self.progress_bar.update(record["round"] - self.progress_bar.n)
+            self._advance_bar(record["round"] * self.steps_per_round)
+
+    def _advance_bar(self, step: int) -> None:
+        with self._bar_lock:
+            if step > self.progress_bar.n:
+                self.progress_bar.update(step - self.progress_bar.n)
+
+    def _poll_steps(self, step_source: Callable[[], int | None]) -> None:
+        while not self._closed.wait(1.0):
+            step = step_source()
+            if step is not None:
+                self._advance_bar(step)
 
     def eta_seconds(self, server_round: int) -> float | None:
         """Seconds left if the remaining rounds take as long as this launch's rounds so far."""
@@ -123,6 +151,9 @@ class RunLog:
         return (time.perf_counter() - self.launched) / done * (self.total_rounds - server_round)
 
     def close(self) -> None:
+        self._closed.set()
+        if self._poller is not None:
+            self._poller.join()
         if self.progress_bar is not None:
             self.progress_bar.close()
         if self.tensorboard:

@@ -40,9 +40,10 @@ from fl_diloco.run_dir import check_same_run
 
 # Keys a resumed run may set differently from the run it continues: where and how it runs,
 # not what it computes. (`rounds` may grow: that extends the run, see the module docstring.)
-RESUMABLE_CHANGES = ("resume", "out_dir", "overwrite", "device", "threads_per_worker", "round_timeout",
-                     "startup_timeout", "node_wait_timeout", "worker_idle_timeout", "eval_every", "eval_sequences",
-                     "checkpoint_every", "keep_checkpoints", "tensorboard", "peak_flops")
+RESUMABLE_CHANGES = ("resume", "out_dir", "overwrite", "device", "threads_per_worker", "server_threads",
+                     "round_timeout", "startup_timeout", "node_wait_timeout", "worker_idle_timeout",
+                     "eval_every", "eval_sequences", "checkpoint_every", "keep_checkpoints", "tensorboard",
+                     "peak_flops")
 
 
 def load_resume(cfg: RunConfig, explicit_keys: Collection[str] = ()) -> tuple[RunConfig, TrainingState]:

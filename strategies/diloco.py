@@ -21,9 +21,12 @@ model, using the same quantized averages the workers receive:
             M is round r's participant count; the tracking is exact while every worker
             takes part, and stays the natural estimate when some drop out.
 
-Replies that fail validation (hostile or broken input) are logged with their node id and left
-out of the round. A node whose worker failed, went silent or restarted gets the server's
-state (`worker_state`) and contributes again from its next request.
+Replies that fail validation (hostile or broken input) are logged with their node id, left
+out of the round and counted as `rejected`. A node that failed (its reply is an error: its
+worker died, or the SuperLink lost the node) or went silent is counted apart, in
+`unavailable_nodes` (`node_failed`): it is a site in trouble, not a hostile one. Such a node,
+and one whose worker restarted, gets the server's state (`worker_state`) and contributes again
+from its next request.
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ class RoundStats:
     round: int
     fragment: int = 0
     participants: int = 0
-    rejected: int = 0
+    rejected: int = 0  # replies that failed validation
+    unavailable_nodes: list[int] = field(default_factory=list)  # asked, but failed or went silent
     train_loss: float = float("nan")
     tokens: int = 0
     compute_seconds: float = 0.0
@@ -233,9 +237,7 @@ class DiLoCo(Strategy):
                 bytes_down = serialized_bytes(content)
             messages.append(Message(content=content, message_type=MessageType.TRAIN,
                                     dst_node_id=node_id, group_id=str(server_round)))
-        self._pending[server_round] = RoundStats(
-            round=server_round, fragment=round_fragment(server_round, self.num_fragments),
-            bytes_down=bytes_down * len(messages))
+        self._round_stats(server_round).bytes_down = bytes_down * len(messages)
         return messages
 
     def aggregate_train(self, server_round: int,
@@ -248,8 +250,8 @@ class DiLoCo(Strategy):
         median of the norms seen so far (and the first two, before a median means anything)
         is held back and judged when the round closes. Only outliers are held that long.
         """
-        fragment = round_fragment(server_round, self.num_fragments)
-        stats = self._pending.pop(server_round, None) or RoundStats(round=server_round, fragment=fragment)
+        stats = self._round_stats(server_round)
+        fragment = stats.fragment
         names = self.fragments[fragment]
         shapes = {n: tuple(self.params[n].shape) for n in names}
         size_limit = self.max_reply_bytes or self._reply_limits.setdefault(
@@ -279,11 +281,9 @@ class DiLoCo(Strategy):
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                log(WARNING, "round %d: node %d failed: %s", server_round, node, reply.error.reason)
-                stats.rejected += 1
-                # Its worker may have died; sending the state to one that did not is harmless.
-                if node in self.node_ids:
-                    self.needs_state.setdefault(node, server_round)
+                # An error the node itself sent. (One the SuperLink writes for a node it lost
+                # carries the SuperLink's id: the ServerApp's RoundPipeline names the node asked.)
+                self.node_failed(server_round, node, reply.error.reason)
                 continue
             size = serialized_bytes(reply.content)
             stats.bytes_up += size
@@ -328,9 +328,23 @@ class DiLoCo(Strategy):
         self.averages[server_round] = self._round_average(exact, contributors, shapes)
         self.optimizers[fragment].step(self._global_update(server_round))
         self._forget_old_averages(server_round)
-        self.history.append(stats)
+        self.history.append(self._pending.pop(server_round))
         return None, MetricRecord({"train_loss": stats.train_loss, "tokens": stats.tokens,
                                    "participants": stats.participants})
+
+    def node_failed(self, server_round: int, node: int, reason: str) -> None:
+        """Node `node` was asked for round r's outer gradient and failed: it answered with an
+        error, or not at all. Counted apart from rejected replies, and sent the server's state
+        (its worker may have died; a worker that did not just takes the state again)."""
+        log(WARNING, "round %d: node %d failed: %s", server_round, node, reason)
+        self._round_stats(server_round).unavailable_nodes.append(node)
+        if node in self.node_ids:
+            self.needs_state.setdefault(node, server_round)
+
+    def _round_stats(self, server_round: int) -> RoundStats:
+        """Round r's stats while it is open (configure_train starts them, aggregate_train closes them)."""
+        return self._pending.setdefault(server_round, RoundStats(
+            round=server_round, fragment=round_fragment(server_round, self.num_fragments)))
 
     def _round_average(self, exact: Tensors, contributors: set[int],
                        shapes: Mapping[str, tuple[int, ...]]) -> RoundAverage:

@@ -186,7 +186,8 @@ class Worker:
             self._failure = None
             trainer.start_at(start_round * cfg.sync_interval)
             if not start_round:  # a new run: moments saved under its out_dir are an older run's
-                shutil.rmtree(optimizer_state_dir(cfg, partition[0]), ignore_errors=True)
+                for saved in optimizer_state_dir(cfg, partition[0]).glob("round-*.pt"):
+                    saved.unlink(missing_ok=True)
             else:
                 self._restore_optimizer(start_round)
                 momentum = request["momentum"]

@@ -122,9 +122,9 @@ What the paper's simulation must assume was inferred from its numbers, then fixe
   DiLoCo and τ = 1, H = 100 rows land within 18 % of every cell (15 of 30 cells).
 * The plateaus (4.3 4.3 4.3, 2.0 2.0 2.0, 0.2 0.2 0.2 0.2): 17 of the table's 21 distinct
   values are points of a log grid of 50 bandwidths from 0.1 to 1000 Gbit/s
-  (np.logspace(-1, 3, 50), a factor 1.207 apart) to the printed precision, and the other
-  four within 6 % of one. So the paper reports the first simulated bandwidth whose CU
-  reaches the target. When CU rises steeply, as for throughput-bound overlap (CU = B/B_full:
+  (np.logspace(-1, 3, 50), a factor 1.207 apart) to the printed precision. Each cell is the
+  largest grid point at which CU is still below the target (fl_diloco/planner_paper.py
+  reproduces the papers' simulation itself: `fl-diloco plan --mode paper`). When CU rises steeply, as for throughput-bound overlap (CU = B/B_full:
   80 % to 99 % is a factor 1.24, about one grid step) or once a transfer just fits under
   its overlap window, several targets fall between the same two grid points and report the
   same value. The flat rows are that knee, not a ceiling below 100 % (with latency 0 every
@@ -662,6 +662,10 @@ def _build_parser() -> argparse.ArgumentParser:
                "CU and the eager-updates paper's 1B table it is checked against are in "
                "docs/algorithms.md#compute-utilization.",
     )
+    p.add_argument("--mode", choices=MODES, default="steady",
+                   help="steady (default): what a long run needs; paper: the papers' short "
+                        "simulation, to compare with their tables (fl-diloco plan --mode paper "
+                        "--help)")
     m = p.add_argument_group("model (one of)")
     m.add_argument("--model", choices=list(PRESETS), help="a preset from fl_diloco.model")
     m.add_argument("--params", type=_POS_FLOAT, help="parameter count N (with --layers)")
@@ -797,9 +801,26 @@ def _describe(workload: Workload, methods: Sequence[str], latency_s: float) -> s
     return text
 
 
+MODES = ("steady", "paper")
+
+
+def _mode(argv: list[str]) -> tuple[str, list[str]]:
+    """`--mode paper` hands the rest of the command line to fl_diloco/planner_paper.py (any
+    other value goes to the steady-state parser, which says what is allowed)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    probe.add_argument("--mode", default="steady")
+    known, rest = probe.parse_known_args(argv)
+    return known.mode, (rest if known.mode == "paper" else list(argv))
+
+
 def main(argv: list[str] | None = None) -> int:
     """`fl-diloco plan ...`: print the planning table; 0 on success, 2 on bad input."""
     argv = sys.argv[1:] if argv is None else argv
+    mode, rest = _mode(argv)
+    if mode == "paper":
+        from fl_diloco.planner_paper import main as paper_main
+
+        return paper_main(rest)
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)

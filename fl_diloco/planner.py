@@ -77,8 +77,8 @@ What each method sends and when its result is needed (τ_eff = steps of overlap)
                         The gradient all-reduce overlaps the rest of the backward and the
                         next forward per block (the DAG slack above), like DDP buckets.
     diloco              every H steps: all N outer-gradient values; τ_eff = 0 (blocking).
-    streaming           every H/P steps: one fragment (strided: blocks p, p+P, ...; the
-                        non-block parameters ride with the last fragment, as in
+    streaming           every H/P steps: one fragment (strided: blocks p, p+P, ...; rows of
+                        the non-block parameters level the fragments to N/P each, as in
                         strategies/fragments.py); τ_eff = 0.
     <family>-inner<τ>   the average is applied τ inner steps later: τ_eff = τ (paper: τ = 1).
     <family>-eager<d>   eager updates with d outer steps of delay: the average is needed d·H
@@ -162,7 +162,7 @@ from fl_diloco.config import WIRE_PRECISIONS as PRECISIONS
 from fl_diloco.flops import TRAINING_FLOPS_PER_PARAM
 from fl_diloco.reporting import format_bytes
 from strategies.codecs import FP4_BLOCK_SIZE
-from strategies.fragments import fragment_blocks
+from strategies.fragments import fragment_blocks, level_quotas
 
 __all__ = [
     "CU_TARGETS",
@@ -416,18 +416,21 @@ def traffic_per_sync(workload: Workload, payload_bytes: float) -> dict[str, floa
 _NON_BLOCK = -1  # chunk id for the embedding/norm/head
 
 
-def _syncs(workload: Workload, method: Method) -> tuple[int, float, list[list[int]]]:
-    """(period in inner steps, bits per value, block ids of each sync in one period)."""
+def _syncs(workload: Workload, method: Method) -> tuple[int, float, list[list[int]], list[float]]:
+    """(period in inner steps, bits per value, block ids of each sync in one period, and the
+    non-block values each sync carries)."""
     everything = [*range(workload.layers), _NON_BLOCK]
     if method.family == "dp":
         return 1, bits_per_value(workload.grad_precision, workload.fp4_block_size,
-                                 workload.fp4_scale_bits), [everything]
+                                 workload.fp4_scale_bits), [everything], [workload.non_block_params]
     bits = bits_per_value(workload.precision, workload.fp4_block_size, workload.fp4_scale_bits)
     if method.family == "diloco":
-        return workload.inner_steps, bits, [everything]
+        return workload.inner_steps, bits, [everything], [workload.non_block_params]
     fragments = fragment_blocks(workload.layers, workload.fragments, workload.fragment_pattern)
-    fragments[-1].append(_NON_BLOCK)
-    return workload.inner_steps, bits, fragments
+    # The non-block rows level the fragments, as strategies/fragments.py shares them out.
+    shares = level_quotas([round(len(held) * workload.block_params) for held in fragments],
+                          round(workload.non_block_params))
+    return workload.inner_steps, bits, [[*held, _NON_BLOCK] for held in fragments], list(map(float, shares))
 
 
 def _ready(workload: Workload, block: int) -> float:
@@ -444,8 +447,8 @@ def _needed(workload: Workload, block: int, overlap_steps: int) -> float:
     return start if block == _NON_BLOCK else start + block * FORWARD_SHARE / workload.layers
 
 
-def _exposed_seconds(workload: Workload, blocks: list[int], bits: float, overlap_steps: int,
-                     per_bit: float, latency: float) -> tuple[float, float]:
+def _exposed_seconds(workload: Workload, blocks: list[int], non_block: float, bits: float,
+                     overlap_steps: int, per_bit: float, latency: float) -> tuple[float, float]:
     """(seconds the compute waits for this sync, seconds the link is busy with it)."""
     t = workload.step_time
     ready = {b: _ready(workload, b) * t for b in blocks}
@@ -454,7 +457,7 @@ def _exposed_seconds(workload: Workload, blocks: list[int], bits: float, overlap
         ready = dict.fromkeys(blocks, last)
     link_free, worst, busy = 0.0, 0.0, 0.0
     for block in sorted(blocks, key=lambda b: ready[b]):
-        size = workload.non_block_params if block == _NON_BLOCK else workload.block_params
+        size = non_block if block == _NON_BLOCK else workload.block_params
         transfer = size * bits * per_bit
         link_free = max(link_free, ready[block]) + transfer
         busy += transfer
@@ -502,12 +505,12 @@ def predict(workload: Workload, method: str | Method, bandwidth_gbps: float,
     steps = workload.inner_steps if steps is None else steps
     _require(isinstance(steps, int) and steps >= 1, "steps", "must be an int >= 1", steps)
 
-    period, bits, syncs = _syncs(workload, method)
+    period, bits, syncs, non_block = _syncs(workload, method)
     per_bit, latency = link_costs(workload, bandwidth_gbps, latency_s)
     overlap = method.overlap_steps(workload.inner_steps)
     exposed = busy = 0.0
-    for blocks in syncs:
-        wait, link = _exposed_seconds(workload, blocks, bits, overlap, per_bit, latency)
+    for blocks, values in zip(syncs, non_block):
+        wait, link = _exposed_seconds(workload, blocks, values, bits, overlap, per_bit, latency)
         exposed += max(0.0, wait)
         busy += link
     compute = period * workload.step_time

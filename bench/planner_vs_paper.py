@@ -123,15 +123,20 @@ PAPER_MODE_MISSES = (
 )
 
 
-def print_paper_mode(result: dict) -> None:
-    print("PAPER MODE (fl_diloco/planner_paper.py): the papers' simulation, 2 outer steps\n")
+def print_table(result: dict, spec: str) -> None:
+    """Markdown: one row per method, each cell 'predicted vs paper (error)', misses marked."""
     print("| method (1B) | " + " | ".join(f"CU {t:.0%}" for t in CU_TARGETS) + " |")
     print("|---|" + "---|" * len(CU_TARGETS))
     for name, (label, *_rest) in PAPER_1B.items():
         cells = [c for c in result["cells"] if c["row"] == name]
         print(f"| {label} | " + " | ".join(
-            f"{c['predicted_gbps']:.1f} vs {c['paper_gbps']:g} ({c['rel_error']:+.0%})"
+            f"{c['predicted_gbps']:{spec}} vs {c['paper_gbps']:g} ({c['rel_error']:+.0%})"
             + ("" if abs(c["rel_error"]) <= TOLERANCE else " MISS") for c in cells) + " |")
+
+
+def print_paper_mode(result: dict) -> None:
+    print("PAPER MODE (fl_diloco/planner_paper.py): the papers' simulation, 2 outer steps\n")
+    print_table(result, ".1f")
     goal = result["within_25pct"] == result["cells_total"]
     print(f"\npaper mode: {result['within_25pct']}/{result['cells_total']} cells within 25 %, "
           f"{result['exact']} on the paper's exact grid point; max error "
@@ -198,13 +203,8 @@ def main() -> int:
               f"{c['predicted_on_grid_gbps']:9.3g} {c['paper_gbps']:7.1f} "
               f"{c['rel_error']:+7.0%} {mark}")
 
-    print("\n| method (1B) | " + " | ".join(f"CU {t:.0%}" for t in CU_TARGETS) + " |")
-    print("|---|" + "---|" * len(CU_TARGETS))
-    for name, (label, *_rest) in PAPER_1B.items():
-        cells = [c for c in result["cells"] if c["row"] == name]
-        print(f"| {label} | " + " | ".join(
-            f"{c['predicted_gbps']:.3g} vs {c['paper_gbps']:g} ({c['rel_error']:+.0%})"
-            for c in cells) + " |")
+    print()
+    print_table(result, ".3g")
 
     print("\nper row: payload that would fit it best, and its shape error after that fit")
     for name, row in result["rows"].items():

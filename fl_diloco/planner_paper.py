@@ -11,7 +11,8 @@ The simulation, one set of assumptions for every method, H and model size
 * Compute is one in-order stream of nodes per inner step, the papers' DAG: for each of the L
   layers a forward node, a backward-activations node (none for the first layer) and a
   backward-weights node, 3L − 1 nodes of equal length T/(3L − 1), in the order
-  F_1 … F_L, then BA_L, BW_L, BA_{L−1}, BW_{L−1}, …, BA_2, BW_2, BW_1.
+  F_1 … F_L, then BA_L, BW_L, BA_{L−1}, BW_{L−1}, …, BA_2, BW_2, BW_1. The papers' count of
+  4L − 1 nodes adds the L outer-gradient reductions, which here are the layers' transfers.
 * Only the link between the two datacenters is modelled: 2 replicas, so a ring all-reduce of
   S bits takes S / B on each side's full-duplex link; latency 0. One FIFO link: a transfer
   starts when its data is ready and every earlier transfer has finished.
@@ -117,19 +118,10 @@ def simulate_cu(model: PaperModel, method: Method | str, inner_steps: int, bits:
     return steps * T / now
 
 
-def reported_bandwidth(model: PaperModel, method: Method | str, inner_steps: int, bits: float,
-                       target: float) -> float:
-    """The table's cell: the largest grid point where CU < target (0 if none, inf if all)."""
-    below = [b for b in GRID_GBPS if simulate_cu(model, method, inner_steps, bits, b) < target]
-    if len(below) == len(GRID_GBPS):
-        return math.inf
-    return below[-1] if below else 0.0
-
-
 def paper_table(model: PaperModel, rows: Sequence[tuple[str, int, str]],
                 targets: Sequence[float] = CU_TARGETS) -> list[list[float]]:
-    """Cells for (method, H, precision) rows. CU rises with bandwidth, so one sweep of the grid
-    gives every target of a row."""
+    """Cells for (method, H, precision) rows: the largest grid point where CU < target (0 if
+    none, inf if all). CU rises with bandwidth, so one sweep of the grid serves every target."""
     table = []
     for method, inner_steps, precision in rows:
         curve = [simulate_cu(model, method, inner_steps, PAPER_BITS[precision], b) for b in GRID_GBPS]

@@ -14,16 +14,18 @@ from collections.abc import Mapping
 
 import torch
 
+from strategies.fragments import select
 from strategies.outer_optimizer import OuterOptimizer, Tensors, outer_gradient
 
 
 class Fragment:
-    def __init__(self, index: int, names: list[str], initial_params: Mapping[str, torch.Tensor],
+    def __init__(self, index: int, keys: list[str], initial_params: Mapping[str, torch.Tensor],
                  outer_lr: float, outer_momentum: float) -> None:
         self.index = index
-        self.names = list(names)
-        self.outer = OuterOptimizer({n: torch.as_tensor(initial_params[n]).float().clone()
-                                     for n in names}, outer_lr, outer_momentum)
+        self.keys = list(keys)  # parameter names or row ranges (strategies/fragments.py)
+        self.outer = OuterOptimizer({k: torch.as_tensor(t).float().clone()
+                                     for k, t in select(initial_params, keys).items()},
+                                    outer_lr, outer_momentum)
         self.sent: dict[int, Tensors] = {}
 
     @property
@@ -31,8 +33,7 @@ class Fragment:
         return {n: tuple(t.shape) for n, t in self.outer.params.items()}
 
     def local_params(self, model: torch.nn.Module) -> Tensors:
-        named = dict(model.named_parameters())
-        return {n: named[n].detach().float().cpu() for n in self.names}
+        return {k: t.detach().float().cpu() for k, t in select(dict(model.named_parameters()), self.keys).items()}
 
     def outer_gradient(self, model: torch.nn.Module) -> Tensors:
         """Δ_{m,p} = θ_p − θ_{m,p,local}: start minus end of the fragment's local progress."""
@@ -45,10 +46,9 @@ class Fragment:
         α = 0 (every variant's default) restarts the local copy from θ_p.
         """
         self.outer.step(update)
-        named = dict(model.named_parameters())
-        for name in self.names:
-            target = self.outer.params[name].to(named[name].device, named[name].dtype)
+        for key, local in select(dict(model.named_parameters()), self.keys).items():
+            target = self.outer.params[key].to(local.device, local.dtype)
             if mixing == 0.0:
-                named[name].copy_(target)
+                local.copy_(target)
             else:
-                named[name].mul_(mixing).add_(target, alpha=1.0 - mixing)
+                local.mul_(mixing).add_(target, alpha=1.0 - mixing)

@@ -176,7 +176,7 @@ class Worker:
             cfg, trainer = self.cfg, self.trainer
             initial = request["params"]
             trainer.load_parameters(initial)
-            names = fragment_names([n for n, _ in trainer.model.named_parameters()],
+            names = fragment_names({n: p.shape for n, p in trainer.model.named_parameters()},
                                    cfg.num_fragments, cfg.fragment_pattern)
             self.fragments = [Fragment(p, group, initial, cfg.outer_lr, cfg.outer_momentum)
                               for p, group in enumerate(names)]

@@ -215,6 +215,19 @@ def plot_loss_vs_tokens(out_dir: Path, records: list[dict[str, Any]], title: str
     return path
 
 
+def peak_round_bytes(records: list[dict[str, Any]], num_fragments: int) -> dict[str, Any]:
+    """The most bytes one round sent up, next to a full sync's: the P rounds of an outer step
+    carry every parameter exactly once (strategies/fragments.py), so their sum is a full sync.
+    Streaming exists to make the share about 1/P. Empty for runs without rounds' bytes."""
+    sent = {r["round"]: r["bytes_up"] for r in records if r.get("round", 0) >= 1 and "bytes_up" in r}
+    steps = [sum(sent[first + i] for i in range(num_fragments)) for first in sent
+             if (first - 1) % num_fragments == 0 and all(first + i in sent for i in range(num_fragments))]
+    if not steps or not max(steps):
+        return {}
+    peak, full = max(sent.values()), max(steps)
+    return {"peak_round_bytes_up": peak, "full_sync_bytes_up": full, "peak_round_share": peak / full}
+
+
 def finish_run(out_dir: Path, algorithm: str, cfg: Any, run_log: RunLog, *, compute_seconds: float,
                idle_seconds: float, bytes_up: int, bytes_down: int, extra: dict[str, Any] | None = None
                ) -> dict[str, Any]:
@@ -245,6 +258,7 @@ def finish_run(out_dir: Path, algorithm: str, cfg: Any, run_log: RunLog, *, comp
         **({} if run_mfu is not None else {"mfu_note": NO_MFU_NOTE}),
         "bytes_up": bytes_up,
         "bytes_down": bytes_down,
+        **peak_round_bytes(run_log.records, cfg.num_fragments),
         "out_dir": str(out_dir),
         **(extra or {}),
         "eval_history": [{"round": r["round"], "tokens": r["tokens_total"], "eval_loss": r["eval_loss"]}

@@ -46,7 +46,7 @@ from flwr.supercore import log
 
 from fl_diloco.config import RunConfig, staleness
 from strategies.codecs import CodecError, encode_tensors, encoded_nbytes
-from strategies.fragments import fragment_names, round_fragment, rounds_in_flight, stale_round
+from strategies.fragments import fragment_names, round_fragment, rounds_in_flight, select, stale_round
 from strategies.protocol import (AGGREGATE_KEY, CONFIG_KEY, METRICS_KEY, MOMENTUM_KEY, NEEDS_STATE_METRIC,
                                  OUTER_GRADIENT_KEY, PARAMS_KEY, REQUIRED_METRICS)
 from strategies.outer_optimizer import (OuterOptimizer, Tensors, WeightedAverage, eager_outer_gradient,
@@ -114,10 +114,11 @@ class DiLoCo(Strategy):
         self.node_ids = list(node_ids)
         self.algorithm = algorithm
         self.staleness = staleness(algorithm, delay)
-        self.fragments = fragment_names(self.params, num_fragments, fragment_pattern)
+        self.fragments = fragment_names({n: t.shape for n, t in self.params.items()}, num_fragments,
+                                        fragment_pattern)
         # One optimizer per fragment, over views of the one global parameter dict.
-        self.optimizers = [OuterOptimizer({n: self.params[n] for n in names}, outer_lr, outer_momentum)
-                           for names in self.fragments]
+        self.optimizers = [OuterOptimizer(select(self.params, keys), outer_lr, outer_momentum)
+                           for keys in self.fragments]
         self.in_flight = rounds_in_flight(self.staleness, self.num_fragments)
         self.weighting = weighting
         self.wire_precision = wire_precision
@@ -192,22 +193,22 @@ class DiLoCo(Strategy):
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping) -> None:
         """Restore what `state_dict` returned (the model and variant must be the same)."""
-        expected = {f"params.{n}" for n in self.params} | {f"momentum.{n}" for n in self.params}
+        buffers = self.momentum_buffer
+        expected = {f"params.{n}" for n in self.params} | {f"momentum.{n}" for n in buffers}
         missing = expected - set(tensors)
         if missing:
             raise ValueError(f"the saved outer state lacks {sorted(missing)[:3]}: it belongs to a "
                              f"different model or configuration")
-        with torch.no_grad():
-            buffers = self.momentum_buffer
-            for n in self.params:  # in place: the fragment optimizers hold views of these
+        with torch.no_grad():  # in place: the fragment optimizers hold views of these
+            for n in self.params:
                 self.params[n].copy_(tensors[f"params.{n}"])
-                buffers[n].copy_(tensors[f"momentum.{n}"])
+            for n, buffer in buffers.items():
+                buffer.copy_(tensors[f"momentum.{n}"])
         self.averages = {}
         for r, contributors in meta["averages"].items():
             fragment = self.fragments[round_fragment(int(r), self.num_fragments)]
             exact = {n: tensors[f"average.{r}.{n}"].float() for n in fragment}
-            shapes = {n: tuple(self.params[n].shape) for n in fragment}
-            self.averages[int(r)] = self._round_average(exact, set(contributors), shapes)
+            self.averages[int(r)] = self._round_average(exact, set(contributors), self._shapes(fragment))
         self.history = [RoundStats(**stats) for stats in meta["history"]]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord | None = None,
@@ -252,8 +253,7 @@ class DiLoCo(Strategy):
         """
         stats = self._round_stats(server_round)
         fragment = stats.fragment
-        names = self.fragments[fragment]
-        shapes = {n: tuple(self.params[n].shape) for n in names}
+        shapes = self._shapes(self.fragments[fragment])
         size_limit = self.max_reply_bytes or self._reply_limits.setdefault(
             fragment, default_reply_limit(shapes, self.wire_precision))
         average = WeightedAverage()
@@ -324,7 +324,7 @@ class DiLoCo(Strategy):
             # Nobody contributed: the round's average is zero, on the server and on every
             # worker alike, so their outer states stay in step.
             log(WARNING, "round %d: no usable reply; the round's average is zero", server_round)
-            exact = zeros_like({n: self.params[n] for n in names})
+            exact = zeros_like(select(self.params, self.fragments[fragment]))
         self.averages[server_round] = self._round_average(exact, contributors, shapes)
         self.optimizers[fragment].step(self._global_update(server_round))
         self._forget_old_averages(server_round)
@@ -345,6 +345,9 @@ class DiLoCo(Strategy):
         """Round r's stats while it is open (configure_train starts them, aggregate_train closes them)."""
         return self._pending.setdefault(server_round, RoundStats(
             round=server_round, fragment=round_fragment(server_round, self.num_fragments)))
+
+    def _shapes(self, keys: list[str]) -> dict[str, tuple[int, ...]]:
+        return {key: tuple(t.shape) for key, t in select(self.params, keys).items()}
 
     def _round_average(self, exact: Tensors, contributors: set[int],
                        shapes: Mapping[str, tuple[int, ...]]) -> RoundAverage:

@@ -51,4 +51,6 @@ class Fragment:
             if mixing == 0.0:
                 local.copy_(target)
             else:
-                local.mul_(mixing).add_(target, alpha=1.0 - mixing)
+                # Two products and a sum, as the formula reads: an in-place add_ with alpha may
+                # fuse into one multiply-add and round differently from one CPU to another.
+                local.copy_(mixing * local + (1.0 - mixing) * target)

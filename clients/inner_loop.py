@@ -23,9 +23,12 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from fl_diloco.atomic import atomic_write
 from fl_diloco.config import RunConfig, resolve_precision
@@ -33,6 +36,9 @@ from fl_diloco.data import BatchStream
 from fl_diloco.flops import device_peak_flops, model_flops_per_token
 from fl_diloco.model import Transformer, load_parameters
 from strategies.outer_optimizer import Tensors, outer_gradient
+
+if TYPE_CHECKING:
+    from clients.site import SiteGroup
 
 
 def inner_lr_at(step: int, cfg: RunConfig) -> float:
@@ -109,9 +115,11 @@ class PhaseResult:
 class InnerTrainer:
     """A model, its AdamW state and its data stream, advanced H steps at a time."""
 
-    def __init__(self, model: Transformer, stream: BatchStream, cfg: RunConfig, device: str):
+    def __init__(self, model: Transformer, stream: BatchStream, cfg: RunConfig, device: str,
+                 site: SiteGroup | None = None):
         self.model = model.to(device)
         self.stream = stream
+        self.site = site  # one rank of a site's group (clients/site.py), or None when alone
         self.cfg = cfg
         self.device = device
         self.on_cuda = device.startswith("cuda")
@@ -125,7 +133,11 @@ class InnerTrainer:
         self.micro_batches = stream.batch_size // micro_batch_size
         # The compiled module shares `model`'s parameters, so outer updates written into them
         # reach it without a recompilation; everything else reads `model` itself.
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        replicated = self.model
+        if site is not None:  # gradients all-reduced (mean) across the site's ranks
+            on_gpu = [torch.device(device).index] if self.on_cuda else None
+            replicated = DistributedDataParallel(self.model, device_ids=on_gpu)
+        self.forward = torch.compile(replicated) if cfg.compile else replicated
         self.optimizer = make_inner_optimizer(self.model, cfg)
         self.step = 0  # inner steps taken so far in the whole run
         self.flops_per_token = model_flops_per_token(model.cfg, cfg.seq_len)
@@ -170,6 +182,9 @@ class InnerTrainer:
         clip_and_step(self.model, self.optimizer, inner_lr_at(self.step, self.cfg),
                       self.cfg.grad_clip)
         self.step += 1
+        if self.site is not None:  # the site's loss: the mean over every rank's rows
+            dist.all_reduce(loss)
+            loss = loss / self.site.ranks
         return loss
 
     def _to_device(self, batch: torch.Tensor) -> torch.Tensor:

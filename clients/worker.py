@@ -34,6 +34,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,8 @@ import torch
 from clients.fragment import Fragment
 from clients.inner_loop import InnerTrainer, mean_loss
 from clients.progress import ProgressPublisher
+from clients.site import LOAD_OPTIMIZER, LOAD_STATE, NOOP, SET_FRAGMENT, STEP, RankSlice, SiteGroup, \
+    rank_device, start_site
 from fl_diloco.config import RunConfig, resolve_device
 from fl_diloco.data import BatchStream, Corpus, load_corpus
 from fl_diloco.flops import mfu
@@ -71,19 +74,29 @@ def _optimizer_file(directory: Path, server_round: int) -> Path:
     return directory / f"round-{server_round:06d}.pt"
 
 
+def saved_optimizer(cfg: RunConfig, partition_id: int, server_round: int) -> Path:
+    """The node's save of its worker's AdamW moments at `server_round`."""
+    return _optimizer_file(optimizer_state_dir(cfg, partition_id), server_round)
+
+
 def worker_stream(cfg: RunConfig, corpus: Corpus, partition_id: int, num_partitions: int) -> BatchStream:
-    """Worker `partition_id`'s batches: its own shard, walked in its own reproducible order."""
-    return BatchStream(corpus.train_sequences(partition_id, num_partitions), cfg.batch_size,
-                       seed=cfg.seed * 1000 + partition_id)
+    """Worker `partition_id`'s batches: its own shard, walked in its own reproducible order
+    (the whole site's batches: batch_size sequences for each of its ranks)."""
+    return BatchStream(corpus.train_sequences(partition_id, num_partitions),
+                       cfg.batch_size * cfg.ranks_per_worker, seed=cfg.seed * 1000 + partition_id)
 
 
-def build_trainer(cfg: RunConfig, partition_id: int, num_partitions: int, device: str) -> InnerTrainer:
-    """The worker's resident state: its shard's stream, the model and the inner optimizer."""
+def build_trainer(cfg: RunConfig, partition_id: int, num_partitions: int, device: str,
+                  site: SiteGroup | None = None) -> InnerTrainer:
+    """The worker's resident state: its shard's stream, the model and the inner optimizer
+    (one rank's share of them when `site` is given)."""
     corpus = load_corpus(cfg.data_config())
     stream = worker_stream(cfg, corpus, partition_id, num_partitions)
+    if site is not None:
+        stream = RankSlice(stream, site.rank, site.ranks)
     torch.manual_seed(cfg.seed)
     model = Transformer(model_config(cfg.model_preset, vocab_size=corpus.vocab_size, seq_len=cfg.seq_len))
-    return InnerTrainer(model, stream, cfg, device)
+    return InnerTrainer(model, stream, cfg, device, site)
 
 
 class WorkerStopped(RuntimeError):
@@ -118,6 +131,10 @@ class Worker:
         self._generation = 0  # bumped to end the running inner loop (a restart from new state)
         self._inner_loop: threading.Thread | None = None
         self._progress: ProgressPublisher | None = None
+        self.site: SiteGroup | None = None  # ranks_per_worker > 1: this is rank 0 of the group
+        # Called when the site's group breaks: the worker process ends itself, so that the
+        # next message starts a fresh group (clients/worker_process.py).
+        self.on_site_failure: Callable[[str], None] | None = None
 
     # ----- requests from the ClientApp adapter (any thread) -----
 
@@ -134,6 +151,7 @@ class Worker:
                 return self.train(request)
             if kind == "shutdown":  # the run is over: nothing will resume it
                 self.stop()
+                self.close_site()
                 if self.cfg is not None:
                     shutil.rmtree(optimizer_state_dir(self.cfg, self.partition[0]), ignore_errors=True)
                 return {"ok": True}
@@ -170,8 +188,15 @@ class Worker:
                 if device == "cpu":
                     torch.set_num_threads(worker_threads(cfg))
                 # A node elsewhere has its own memory: refuse with the numbers, not by OOM.
-                check_memory(cfg.replace(device=device), workers_here=1, server_here=False)
-                self.trainer, self.cfg, self.partition = build_trainer(cfg, *partition, device), cfg, partition
+                check_memory(cfg.replace(device=device), workers_here=cfg.ranks_per_worker
+                             if device == "cpu" else 1, server_here=False)
+                if cfg.ranks_per_worker > 1:
+                    self.site = start_site(cfg, partition, device)
+                    if self.on_site_failure is not None:
+                        self.site.watch(self.on_site_failure)
+                    device = rank_device(device, 0)
+                self.trainer = build_trainer(cfg, *partition, device, self.site)
+                self.cfg, self.partition = cfg, partition
                 self._progress = ProgressPublisher(optimizer_state_dir(cfg, partition[0]))
             cfg, trainer = self.cfg, self.trainer
             initial = request["params"]
@@ -185,6 +210,9 @@ class Worker:
             self._replies.clear()
             self._failure = None
             trainer.start_at(start_round * cfg.sync_interval)
+            if self.site is not None:
+                self.site.command(LOAD_STATE, trainer.step)
+                self.site.broadcast_parameters(trainer.model)
             if start_round:
                 self._restore_optimizer(start_round)
                 momentum = request["momentum"]
@@ -202,10 +230,12 @@ class Worker:
     def _restore_optimizer(self, start_round: int) -> None:
         """AdamW moments saved at `start_round` by this node's worker of the run, if any;
         otherwise the worker keeps the ones it has (fresh ones in a new process)."""
-        saved = _optimizer_file(optimizer_state_dir(self.cfg, self.partition[0]), start_round)
+        saved = saved_optimizer(self.cfg, self.partition[0], start_round)
         if saved.is_file():
             try:
                 self.trainer.load_optimizer(saved)
+                if self.site is not None:  # DDP: every rank's moments are rank 0's
+                    self.site.command(LOAD_OPTIMIZER, start_round)
                 print(f"restored the AdamW moments of round {start_round} from {saved}", flush=True)
                 return
             except Exception as err:  # noqa: BLE001 - a damaged file only costs the moments
@@ -261,6 +291,15 @@ class Worker:
             self._stopping = True
             self._state.notify_all()
 
+    def close_site(self) -> None:
+        """End the site's other ranks once the inner loop has stopped using the group."""
+        if self.site is None:
+            return
+        if self._inner_loop is not None:
+            self._inner_loop.join(timeout=60)
+        self.site.close()
+        self.site = None
+
     # ----- the inner loop (its own thread) -----
 
     def _run_guarded(self, generation: int) -> None:
@@ -272,6 +311,8 @@ class Worker:
             with self._state:
                 self._failure = traceback.format_exc()
                 self._state.notify_all()
+            if self.site is not None and self.on_site_failure is not None:
+                self.on_site_failure(f"the inner loop failed:\n{self._failure}")
 
     def _run(self, generation: int) -> None:
         cfg, trainer = self.cfg, self.trainer
@@ -284,6 +325,8 @@ class Worker:
             if self._stopping or self._generation != generation:
                 raise WorkerStopped()
             began = time.perf_counter()
+            if self.site is not None:
+                self.site.command(STEP)
             meter.losses.append(trainer.train_step())
             meter.compute_seconds += time.perf_counter() - began
             self._progress.publish(step)
@@ -295,6 +338,7 @@ class Worker:
                 self._save_optimizer(server_round)
                 meter = _RoundMeter()
                 if step == last_step:
+                    self._keep_site_until_stopped(generation)
                     break  # nothing applied after the last sync would ever be used
                 if cfg.staleness == 0:
                     due.setdefault(step + cfg.overlap_steps, []).append(server_round)
@@ -311,11 +355,29 @@ class Worker:
                     fragment.apply(eager_outer_gradient(stale_average, sent, stale_own,
                                                         self._eager_weight(participants)),
                                    trainer.model)
+                    self._share_fragment(fragment)
 
             for server_round in due.pop(step, []):
                 fragment = self.fragments[round_fragment(server_round, num_fragments)]
                 average, _, _ = self._wait_for_average(server_round, fragment, meter, generation)
                 fragment.apply(average, trainer.model, cfg.mixing)
+                self._share_fragment(fragment)
+
+    def _share_fragment(self, fragment: Fragment) -> None:
+        """The site's other ranks take the fragment rank 0 just updated (DDP: replicas)."""
+        if self.site is not None:
+            self.site.command(SET_FRAGMENT, fragment.index)
+            self.site.broadcast_parameters(self.trainer.model, fragment.names)
+
+    def _keep_site_until_stopped(self, generation: int) -> None:
+        """The other ranks wait in a collective for rank 0's next command: keep it alive
+        (with a heartbeat a second) until the run shuts the worker down or restarts it."""
+        if self.site is None:
+            return
+        with self._state:
+            while not (self._stopping or self._generation != generation):
+                if not self._state.wait(timeout=1.0):
+                    self.site.command(NOOP)
 
     def _eager_weight(self, participants: int) -> float:
         """1/M for eager (0 for delayed), M = the participants of the latest average: this
@@ -336,7 +398,8 @@ class Worker:
         cfg, trainer = self.cfg, self.trainer
         self._finish_queued_steps(meter)
         wire = encode_tensors(fragment.outer_gradient(trainer.model), cfg.wire_precision)
-        tokens = len(meter.losses) * trainer.stream.batch_size * cfg.seq_len
+        ranks = cfg.ranks_per_worker
+        tokens = len(meter.losses) * trainer.stream.batch_size * ranks * cfg.seq_len
         tokens_per_second = tokens / meter.compute_seconds
         metrics = {
             "train_loss": mean_loss(torch.stack(meter.losses)),
@@ -348,7 +411,7 @@ class Worker:
             "tokens_per_second": tokens_per_second,
         }
         if trainer.peak_flops.flops:  # Flower's metrics carry numbers only, never None
-            metrics["mfu"] = mfu(tokens_per_second, trainer.flops_per_token, trainer.peak_flops.flops)
+            metrics["mfu"] = mfu(tokens_per_second, trainer.flops_per_token, trainer.peak_flops.flops * ranks)
         reply = {"outer_gradient": wire, "metrics": metrics}
         with self._state:
             self._replies[server_round] = reply
@@ -370,7 +433,8 @@ class Worker:
             while server_round not in self._averages:
                 if self._stopping or self._generation != generation:
                     raise WorkerStopped()
-                self._state.wait(timeout=1.0)
+                if not self._state.wait(timeout=1.0) and self.site is not None:
+                    self.site.command(NOOP)  # the other ranks wait in a collective: keep it alive
             average = self._averages.pop(server_round)
         meter.idle_seconds += time.perf_counter() - began
         return average

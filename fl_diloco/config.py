@@ -29,6 +29,8 @@ COMPUTE_PRECISIONS = ("auto", "bf16", "fp32")
 # to do with bytes that are not UTF-8 (Python's `errors=` names).
 DOCUMENT_UNITS = ("file", "paragraph")
 ENCODING_ERRORS = ("strict", "replace")
+# How a site's ranks split the work (clients/site.py); fsdp is reserved for FSDP2 sharding.
+PARALLELISMS = ("ddp", "fsdp")
 # worker_idle_timeout=0: a worker exits after this many round timeouts without a request.
 IDLE_ROUND_TIMEOUTS = 3
 
@@ -119,6 +121,10 @@ class RunConfig:
     compile: bool = False  # torch.compile the worker's model
     peak_flops: float = 0.0  # one worker's peak FLOP/s for MFU (0 = fl_diloco.flops' table)
     threads_per_worker: int = 0  # 0 = share the machine's cores among the workers
+    # A site (one Flower node) trains on this many processes, one torch.distributed group
+    # (clients/site.py); each takes batch_size sequences of the site's batch per inner step.
+    ranks_per_worker: int = 1
+    parallelism: str = "ddp"  # how the site's ranks split the work (PARALLELISMS)
     round_timeout: float = 600.0
     # Seconds every worker has to start (load its corpus, build its model) and confirm θ(0).
     startup_timeout: float = 1800.0
@@ -170,6 +176,11 @@ class RunConfig:
         _choice("precision", self.precision, COMPUTE_PRECISIONS)
         _choice("document_unit", self.document_unit, DOCUMENT_UNITS)
         _choice("encoding_errors", self.encoding_errors, ENCODING_ERRORS)
+        _choice("parallelism", self.parallelism, PARALLELISMS)
+        _at_least("ranks_per_worker", self.ranks_per_worker, 1)
+        if self.parallelism == "fsdp" and self.ranks_per_worker > 1:
+            raise ConfigError("parallelism=fsdp is not yet supported; use parallelism=ddp "
+                              "(or ranks_per_worker=1)")
         from fl_diloco.model import PRESETS  # local import: keeps config importable alone
 
         if self.model not in PRESETS and self.model not in MODEL_ALIASES:
@@ -422,6 +433,11 @@ def key_help() -> dict[str, tuple[str, str]]:
                        "fl_diloco/flops.py; CPUs have none)", ">= 0"),
         "threads_per_worker": ("torch CPU threads per worker (0 = the machine's cores / "
                                "num_clients)", ">= 0"),
+        "ranks_per_worker": ("processes (one per GPU) that train one site's worker as a "
+                             "torch.distributed group; the site's batch is ranks_per_worker × "
+                             "batch_size sequences", ">= 1"),
+        "parallelism": ("how a site's ranks split the model: ddp replicates it and all-reduces "
+                        "gradients (fsdp, sharding it, is not supported yet)", one_of(PARALLELISMS)),
         "round_timeout": ("seconds a round waits for replies after the previous one closed; "
                           "then it closes with the replies it has", "> 0"),
         "startup_timeout": ("seconds the workers have to start (load the corpus, build the model) "

@@ -1,0 +1,229 @@
+"""A site: one Flower node's worker trained by `ranks_per_worker` processes as one
+torch.distributed group (data-parallel, `parallelism=ddp`).
+
+Rank 0 is the node's worker process itself (clients/worker_process.py): it alone talks to
+the ClientApp adapter, keeps the outer state, sends Δ and applies the averages. It starts the
+other ranks with `torch.multiprocessing` (spawn) and a TCPStore on the loopback whose port the
+OS picks, so no port can clash and nothing outside the machine can join. The elastic launcher
+behind `torchrun` would start rank 0 too, but rank 0 is already running (the adapter started
+it) and must stay the process that owns the private socket.
+
+The other ranks are followers. Each holds a replica of the model, the AdamW state and its slice
+of the site's stream, and does what rank 0 tells it over a small control channel (a gloo group,
+CPU tensors, so on GPUs it never waits for the device):
+
+  STEP             one inner step: DistributedDataParallel all-reduces the gradients, so every
+                   rank takes the same AdamW step on the mean gradient of the site's batch
+  SET_FRAGMENT p   receive fragment p's parameters after rank 0 applied an outer step to it
+  LOAD_STATE s     receive every parameter and continue the run at inner step s (a prepare)
+  LOAD_OPTIMIZER r load the AdamW moments rank 0 restored for round r (same node-local file:
+                   under DDP the moments are the same on every rank)
+  NOOP             a heartbeat while rank 0 waits for an average, so a collective's timeout
+                   (round_timeout) only fires when a rank really hangs
+  STOP             leave the group and exit
+
+Under DDP every rank's parameters equal rank 0's, so applying the outer step on rank 0 and
+broadcasting the fragment is the outer step every rank would take, and rank 0's Δ is the
+site's Δ. A rank that dies closes its sockets, so the others' next collective fails at once;
+rank 0 then ends its process (a crashed worker, restarted and resynced by the next message) and
+each follower also exits as soon as its parent is gone: no orphan ranks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing
+
+from fl_diloco.config import RunConfig
+from fl_diloco.data import BatchStream
+
+STEP, SET_FRAGMENT, LOAD_STATE, LOAD_OPTIMIZER, NOOP, STOP = range(6)
+LOOPBACK = "127.0.0.1"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class RankSlice:
+    """Rank `rank`'s rows of every batch of the site's stream: disjoint across ranks, and
+    together exactly the batch one process would train on with batch_size × ranks."""
+
+    def __init__(self, site_stream: BatchStream, rank: int, ranks: int) -> None:
+        self.site_stream = site_stream
+        self.batch_size = site_stream.batch_size // ranks
+        self._rows = slice(rank * self.batch_size, (rank + 1) * self.batch_size)
+
+    def seek(self, num_batches: int) -> None:
+        self.site_stream.seek(num_batches)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = self.site_stream.next_batch()
+        return inputs[self._rows], targets[self._rows]
+
+
+def rank_device(device: str, rank: int) -> str:
+    """Rank i's device: the site's GPU i (of those CUDA_VISIBLE_DEVICES shows; ranks share
+    GPUs round-robin when there are fewer), or the CPU."""
+    if not device.startswith("cuda"):
+        return device
+    return f"cuda:{rank % torch.cuda.device_count()}"
+
+
+def _backend(device: str, ranks: int) -> str:
+    # NCCL needs a GPU of its own per rank; gloo also reduces CUDA tensors (a smoke test
+    # with several ranks on one GPU).
+    if device.startswith("cuda") and torch.cuda.device_count() >= ranks:
+        return "nccl"
+    return "gloo"
+
+
+class SiteGroup:
+    """This process's membership of its site's group, and the control channel."""
+
+    def __init__(self, rank: int, ranks: int) -> None:
+        self.rank, self.ranks = rank, ranks
+        self.control = dist.new_group(backend="gloo")
+        self._command = torch.zeros(2, dtype=torch.int64)
+        self.processes: list = []  # rank 0: the followers' processes
+        self._closing = False
+
+    # ----- rank 0 -----
+
+    def command(self, op: int, arg: int = 0) -> None:
+        self._command[0], self._command[1] = op, arg
+        dist.broadcast(self._command, src=0, group=self.control)
+
+    def receive(self) -> tuple[int, int]:
+        dist.broadcast(self._command, src=0, group=self.control)
+        return int(self._command[0]), int(self._command[1])
+
+    @torch.no_grad()
+    def broadcast_parameters(self, model: torch.nn.Module, names: list[str] | None = None) -> None:
+        """Rank 0's values of the named parameters (default: all) onto every rank, in one message."""
+        named = dict(model.named_parameters())
+        tensors = [named[n] for n in (names if names is not None else named)]
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+        dist.broadcast(flat, src=0)
+        if self.rank:
+            for tensor, value in zip(tensors, flat.split([t.numel() for t in tensors])):
+                tensor.copy_(value.view_as(tensor))
+
+    def watch(self, on_failure: Callable[[str], None]) -> None:
+        """Call `on_failure` (once) if a follower exits while the site is not closing."""
+        def poll() -> None:
+            while not self._closing:
+                for rank, process in enumerate(self.processes, start=1):
+                    if process.exitcode is not None and not self._closing:
+                        on_failure(f"rank {rank} (pid {process.pid}) exited with code {process.exitcode}")
+                        return
+                time.sleep(0.5)
+        threading.Thread(target=poll, name="site-watch", daemon=True).start()
+
+    def close(self) -> None:
+        """Tell the followers to leave and wait for them (rank 0); kill any that does not."""
+        self._closing = True
+        try:
+            self.command(STOP)
+        except Exception:  # noqa: BLE001 - a broken group: the kill below ends the followers
+            pass
+        for process in self.processes:
+            process.join(timeout=10)
+        self.kill()
+        dist.destroy_process_group()
+
+    def kill(self) -> None:
+        """End every follower now (rank 0 is exiting)."""
+        self._closing = True
+        for process in self.processes:
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=5)
+
+
+def _timeout(cfg: RunConfig) -> datetime.timedelta:
+    return datetime.timedelta(seconds=cfg.round_timeout)
+
+
+def start_site(cfg: RunConfig, partition: tuple[int, int], device: str) -> SiteGroup:
+    """Rank 0: start ranks 1..R−1 and join them in one group."""
+    ranks = cfg.ranks_per_worker
+    store = dist.TCPStore(LOOPBACK, 0, ranks, is_master=True, timeout=_timeout(cfg),
+                          wait_for_workers=False)
+    context = torch.multiprocessing.start_processes(
+        _follower_main, args=(store.port, cfg.to_dict(), partition, device, os.getpid()),
+        nprocs=ranks - 1, join=False, start_method="spawn")
+    dist.init_process_group(_backend(device, ranks), store=store, rank=0, world_size=ranks,
+                            timeout=_timeout(cfg))
+    site = SiteGroup(0, ranks)
+    site.processes = list(context.processes)
+    return site
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """A follower never outlives rank 0, however rank 0 ended.
+
+    torch.multiprocessing asks the kernel to interrupt a child when the *thread* that started
+    it ends, and rank 0 starts its site from the thread serving a prepare request, which ends
+    at once. So that signal is switched off; this watch of the parent process replaces it.
+    """
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, 0)
+
+    def poll() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        print(f"rank pid {os.getpid()}: rank 0 (pid {parent_pid}) is gone, exiting", flush=True)
+        os._exit(1)
+    threading.Thread(target=poll, name="parent-watch", daemon=True).start()
+
+
+def _follower_main(index: int, *args) -> None:
+    try:
+        _follow(index + 1, *args)
+    except Exception:  # torch.multiprocessing would keep the traceback to itself
+        print(f"rank {index + 1} (pid {os.getpid()}) failed:\n{traceback.format_exc()}", flush=True)
+        os._exit(1)
+
+
+def _follow(rank: int, port: int, cfg_dict: dict, partition: tuple[int, int], device: str,
+            parent_pid: int) -> None:
+    from clients.worker import build_trainer, worker_threads  # clients.worker imports this module
+    from strategies.fragments import fragment_names
+
+    _exit_with_parent(parent_pid)
+    cfg = RunConfig.from_mapping(cfg_dict)
+    ranks = cfg.ranks_per_worker
+    device = rank_device(device, rank)
+    if device == "cpu":
+        torch.set_num_threads(worker_threads(cfg))
+    store = dist.TCPStore(LOOPBACK, port, ranks, is_master=False, timeout=_timeout(cfg))
+    dist.init_process_group(_backend(device, ranks), store=store, rank=rank, world_size=ranks,
+                            timeout=_timeout(cfg))
+    site = SiteGroup(rank, ranks)
+    trainer = build_trainer(cfg, *partition, device, site)
+    fragments = fragment_names([n for n, _ in trainer.model.named_parameters()],
+                               cfg.num_fragments, cfg.fragment_pattern)
+    trainer.model.train()
+    while True:
+        op, arg = site.receive()
+        if op == STEP:
+            trainer.train_step()
+        elif op == SET_FRAGMENT:
+            site.broadcast_parameters(trainer.model, fragments[arg])
+        elif op == LOAD_STATE:
+            site.broadcast_parameters(trainer.model)
+            trainer.start_at(arg)
+        elif op == LOAD_OPTIMIZER:
+            from clients.worker import saved_optimizer  # same node-local file as rank 0's
+            trainer.load_optimizer(saved_optimizer(cfg, partition[0], arg))
+        elif op == STOP:
+            break
+    dist.destroy_process_group()

@@ -16,6 +16,14 @@ import torch
 
 from strategies.outer_optimizer import OuterOptimizer, Tensors, outer_gradient
 
+# The local parameters: the model's own, or named full copies of them (a sharded site's rank 0
+# assembles those, clients/site.py).
+LocalParams = torch.nn.Module | Mapping[str, torch.Tensor]
+
+
+def _named(params: LocalParams) -> Mapping[str, torch.Tensor]:
+    return dict(params.named_parameters()) if isinstance(params, torch.nn.Module) else params
+
 
 class Fragment:
     def __init__(self, index: int, names: list[str], initial_params: Mapping[str, torch.Tensor],
@@ -30,22 +38,22 @@ class Fragment:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: tuple(t.shape) for n, t in self.outer.params.items()}
 
-    def local_params(self, model: torch.nn.Module) -> Tensors:
-        named = dict(model.named_parameters())
+    def local_params(self, model: LocalParams) -> Tensors:
+        named = _named(model)
         return {n: named[n].detach().float().cpu() for n in self.names}
 
-    def outer_gradient(self, model: torch.nn.Module) -> Tensors:
+    def outer_gradient(self, model: LocalParams) -> Tensors:
         """Δ_{m,p} = θ_p − θ_{m,p,local}: start minus end of the fragment's local progress."""
         return outer_gradient(self.outer.params, self.local_params(model))
 
     @torch.no_grad()
-    def apply(self, update: Mapping[str, torch.Tensor], model: torch.nn.Module, mixing: float = 0.0) -> None:
+    def apply(self, update: Mapping[str, torch.Tensor], model: LocalParams, mixing: float = 0.0) -> None:
         """θ_p ← Outer_p(θ_p, update), then merge the local copy: local ← α·local + (1 − α)·θ_p.
 
         α = 0 (every variant's default) restarts the local copy from θ_p.
         """
         self.outer.step(update)
-        named = dict(model.named_parameters())
+        named = _named(model)
         for name in self.names:
             target = self.outer.params[name].to(named[name].device, named[name].dtype)
             if mixing == 0.0:

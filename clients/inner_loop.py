@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from fl_diloco.atomic import atomic_write
@@ -134,7 +136,11 @@ class InnerTrainer:
         # The compiled module shares `model`'s parameters, so outer updates written into them
         # reach it without a recompilation; everything else reads `model` itself.
         replicated = self.model
-        if site is not None:  # gradients all-reduced (mean) across the site's ranks
+        if site is not None and site.sharded:  # FSDP2: parameters, gradients, AdamW state sliced
+            for block in self.model.blocks:
+                fully_shard(block)
+            fully_shard(self.model)
+        elif site is not None:  # gradients all-reduced (mean) across the site's ranks
             on_gpu = [torch.device(device).index] if self.on_cuda else None
             replicated = DistributedDataParallel(self.model, device_ids=on_gpu)
         self.forward = torch.compile(replicated) if cfg.compile else replicated
@@ -159,7 +165,11 @@ class InnerTrainer:
     def save_optimizer(self, path: Path) -> None:
         """The AdamW moments at the current step, written atomically (for an exact resume)."""
         buffer = io.BytesIO()
-        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict()}, buffer)
+        state = self.optimizer.state_dict()
+        # fsdp: this rank's slice, as plain tensors (the dicts are the optimizer's own: copy)
+        state["state"] = {index: {k: v.to_local() if isinstance(v, DTensor) else v for k, v in moments.items()}
+                          for index, moments in state["state"].items()}
+        torch.save({"step": self.step, "optimizer": state}, buffer)
         atomic_write(path, lambda fh: fh.write(buffer.getvalue()))
 
     def load_optimizer(self, path: Path) -> None:
@@ -167,6 +177,14 @@ class InnerTrainer:
         saved = torch.load(path, map_location=self.device, weights_only=True)
         if saved["step"] != self.step:
             raise ValueError(f"{path} holds the optimizer at inner step {saved['step']}, not {self.step}")
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        for index, moments in saved["optimizer"]["state"].items():
+            param = params[index]
+            if isinstance(param, DTensor):  # fsdp: this rank's slice back into the sharded layout
+                moments.update({k: DTensor.from_local(v, param.device_mesh, param.placements,
+                                                      shape=param.shape, stride=param.stride())
+                                for k, v in moments.items() if v.shape == param.to_local().shape
+                                and v.dim()})
         self.optimizer.load_state_dict(saved["optimizer"])
 
     def train_step(self) -> torch.Tensor:

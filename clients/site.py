@@ -14,10 +14,13 @@ CPU tensors, so on GPUs it never waits for the device):
 
   STEP             one inner step: DistributedDataParallel all-reduces the gradients, so every
                    rank takes the same AdamW step on the mean gradient of the site's batch
+  GATHER_FRAGMENT p  send fragment p's slices to rank 0 (fsdp), which assembles Δ or merges
   SET_FRAGMENT p   receive fragment p's parameters after rank 0 applied an outer step to it
+                   (ddp: a broadcast; fsdp: each rank receives its slice)
   LOAD_STATE s     receive every parameter and continue the run at inner step s (a prepare)
-  LOAD_OPTIMIZER r load the AdamW moments rank 0 restored for round r (same node-local file:
-                   under DDP the moments are the same on every rank)
+  SAVE_OPTIMIZER r save this rank's slice of the AdamW moments for round r (fsdp: per-rank files
+                   in the node's worker-state directory; under ddp rank 0's file is everyone's)
+  LOAD_OPTIMIZER r load the AdamW moments rank 0 restored for round r
   NOOP             a heartbeat while rank 0 waits for an average, so a collective's timeout
                    (round_timeout) only fires when a rank really hangs
   STOP             leave the group and exit
@@ -47,7 +50,7 @@ import torch.multiprocessing
 from fl_diloco.config import RunConfig
 from fl_diloco.data import BatchStream
 
-STEP, SET_FRAGMENT, LOAD_STATE, LOAD_OPTIMIZER, NOOP, STOP = range(6)
+STEP, GATHER_FRAGMENT, SET_FRAGMENT, LOAD_STATE, SAVE_OPTIMIZER, LOAD_OPTIMIZER, NOOP, STOP = range(8)
 LOOPBACK = "127.0.0.1"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -88,8 +91,9 @@ def _backend(device: str, ranks: int) -> str:
 class SiteGroup:
     """This process's membership of its site's group, and the control channel."""
 
-    def __init__(self, rank: int, ranks: int) -> None:
+    def __init__(self, rank: int, ranks: int, sharded: bool = False) -> None:
         self.rank, self.ranks = rank, ranks
+        self.sharded = sharded  # fsdp: each rank holds a slice of every parameter (dim 0)
         self.control = dist.new_group(backend="gloo")
         self._command = torch.zeros(2, dtype=torch.int64)
         self.processes: list = []  # rank 0: the followers' processes
@@ -105,16 +109,57 @@ class SiteGroup:
         dist.broadcast(self._command, src=0, group=self.control)
         return int(self._command[0]), int(self._command[1])
 
+    def set_parameters(self, model: torch.nn.Module, names: list[str],
+                       values: dict[str, torch.Tensor] | None = None) -> None:
+        """Every rank takes rank 0's values of the named parameters: `values` under fsdp (full
+        tensors, sliced), its model's own under ddp (replicas)."""
+        if self.sharded:
+            self.scatter_parameters(model, names, values)
+        else:
+            self.broadcast_parameters(model, names)
+
     @torch.no_grad()
-    def broadcast_parameters(self, model: torch.nn.Module, names: list[str] | None = None) -> None:
-        """Rank 0's values of the named parameters (default: all) onto every rank, in one message."""
+    def broadcast_parameters(self, model: torch.nn.Module, names: list[str]) -> None:
+        """ddp: rank 0's values of the named parameters onto every rank, in one message."""
         named = dict(model.named_parameters())
-        tensors = [named[n] for n in (names if names is not None else named)]
+        tensors = [named[n] for n in names]
         flat = torch.cat([t.detach().reshape(-1) for t in tensors])
         dist.broadcast(flat, src=0)
         if self.rank:
             for tensor, value in zip(tensors, flat.split([t.numel() for t in tensors])):
                 tensor.copy_(value.view_as(tensor))
+
+    @torch.no_grad()
+    def gather_parameters(self, model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+        """fsdp: the named parameters assembled on rank 0, fp32 on its CPU, one tensor at a
+        time (no device ever holds more than one full parameter); {} on the other ranks."""
+        named = dict(model.named_parameters())
+        full = {}
+        for name in names:
+            param = named[name]
+            rows = _shard_rows(param.shape[0], self.ranks)
+            padded = _padded(param.to_local().detach(), max(rows))
+            pieces = [torch.empty_like(padded) for _ in rows] if self.rank == 0 else None
+            dist.gather(padded, pieces, dst=0)
+            if self.rank == 0:
+                full[name] = torch.cat([p[:n] for p, n in zip(pieces, rows)]).float().cpu()
+        return full
+
+    @torch.no_grad()
+    def scatter_parameters(self, model: torch.nn.Module, names: list[str],
+                           values: dict[str, torch.Tensor] | None = None) -> None:
+        """fsdp: rank 0's full `values` of the named parameters, each rank getting its slice."""
+        named = dict(model.named_parameters())
+        for name in names:
+            local = named[name].to_local()
+            rows = _shard_rows(named[name].shape[0], self.ranks)
+            received = torch.empty((max(rows), *local.shape[1:]), dtype=local.dtype, device=local.device)
+            pieces = None
+            if self.rank == 0:
+                full = values[name].to(local.device, local.dtype)
+                pieces = [_padded(p, max(rows)) for p in full.split(rows)]
+            dist.scatter(received, pieces, src=0)
+            local.copy_(received[:local.shape[0]])
 
     def watch(self, on_failure: Callable[[str], None]) -> None:
         """Call `on_failure` (once) if a follower exits while the site is not closing."""
@@ -148,6 +193,19 @@ class SiteGroup:
                 process.join(timeout=5)
 
 
+def _shard_rows(rows: int, ranks: int) -> list[int]:
+    """How FSDP2 splits dim 0 across ranks: torch.chunk's pieces, empty ones at the end."""
+    sizes = [len(c) for c in torch.empty(rows, 0).chunk(ranks)]
+    return sizes + [0] * (ranks - len(sizes))
+
+
+def _padded(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """`tensor` with zero rows appended up to `rows` (collectives need equal sizes)."""
+    out = tensor.new_zeros((rows, *tensor.shape[1:]))
+    out[:len(tensor)] = tensor
+    return out
+
+
 def _timeout(cfg: RunConfig) -> datetime.timedelta:
     return datetime.timedelta(seconds=cfg.round_timeout)
 
@@ -162,7 +220,7 @@ def start_site(cfg: RunConfig, partition: tuple[int, int], device: str) -> SiteG
         nprocs=ranks - 1, join=False, start_method="spawn")
     dist.init_process_group(_backend(device, ranks), store=store, rank=0, world_size=ranks,
                             timeout=_timeout(cfg))
-    site = SiteGroup(0, ranks)
+    site = SiteGroup(0, ranks, cfg.parallelism == "fsdp")
     site.processes = list(context.processes)
     return site
 
@@ -195,7 +253,8 @@ def _follower_main(index: int, *args) -> None:
 
 def _follow(rank: int, port: int, cfg_dict: dict, partition: tuple[int, int], device: str,
             parent_pid: int) -> None:
-    from clients.worker import build_trainer, worker_threads  # clients.worker imports this module
+    from clients.worker import (  # clients.worker imports this module
+        build_trainer, save_optimizer, saved_optimizer, worker_threads)
     from strategies.fragments import fragment_names
 
     _exit_with_parent(parent_pid)
@@ -207,7 +266,7 @@ def _follow(rank: int, port: int, cfg_dict: dict, partition: tuple[int, int], de
     store = dist.TCPStore(LOOPBACK, port, ranks, is_master=False, timeout=_timeout(cfg))
     dist.init_process_group(_backend(device, ranks), store=store, rank=rank, world_size=ranks,
                             timeout=_timeout(cfg))
-    site = SiteGroup(rank, ranks)
+    site = SiteGroup(rank, ranks, cfg.parallelism == "fsdp")
     trainer = build_trainer(cfg, *partition, device, site)
     fragments = fragment_names([n for n, _ in trainer.model.named_parameters()],
                                cfg.num_fragments, cfg.fragment_pattern)
@@ -216,14 +275,17 @@ def _follow(rank: int, port: int, cfg_dict: dict, partition: tuple[int, int], de
         op, arg = site.receive()
         if op == STEP:
             trainer.train_step()
+        elif op == GATHER_FRAGMENT:
+            site.gather_parameters(trainer.model, fragments[arg])
         elif op == SET_FRAGMENT:
-            site.broadcast_parameters(trainer.model, fragments[arg])
+            site.set_parameters(trainer.model, fragments[arg])
         elif op == LOAD_STATE:
-            site.broadcast_parameters(trainer.model)
+            site.set_parameters(trainer.model, [n for n, _ in trainer.model.named_parameters()])
             trainer.start_at(arg)
+        elif op == SAVE_OPTIMIZER:
+            save_optimizer(trainer, cfg, partition[0], arg, rank)
         elif op == LOAD_OPTIMIZER:
-            from clients.worker import saved_optimizer  # same node-local file as rank 0's
-            trainer.load_optimizer(saved_optimizer(cfg, partition[0], arg))
+            trainer.load_optimizer(saved_optimizer(cfg, partition[0], arg, rank if site.sharded else 0))
         elif op == STOP:
             break
     dist.destroy_process_group()

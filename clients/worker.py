@@ -40,11 +40,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from clients.fragment import Fragment
+from clients.fragment import Fragment, LocalParams
 from clients.inner_loop import InnerTrainer, mean_loss
 from clients.progress import ProgressPublisher
-from clients.site import LOAD_OPTIMIZER, LOAD_STATE, NOOP, SET_FRAGMENT, STEP, RankSlice, SiteGroup, \
-    rank_device, start_site
+from clients.site import GATHER_FRAGMENT, LOAD_OPTIMIZER, LOAD_STATE, NOOP, SAVE_OPTIMIZER, SET_FRAGMENT, STEP, RankSlice, \
+    SiteGroup, rank_device, start_site
 from fl_diloco.config import RunConfig, resolve_device
 from fl_diloco.data import BatchStream, Corpus, load_corpus
 from fl_diloco.flops import mfu
@@ -62,21 +62,35 @@ def worker_threads(cfg: RunConfig) -> int:
     return max(1, (os.cpu_count() or 1) // cfg.num_clients)
 
 
-def optimizer_state_dir(cfg: RunConfig, partition_id: int) -> Path:
+def optimizer_state_dir(cfg: RunConfig, partition_id: int, rank: int = 0) -> Path:
     """Where a node keeps its worker's AdamW moments at checkpoint rounds, so that a resumed
-    run continues exactly: node-local (never sent), keyed by the run's out_dir and partition."""
+    run continues exactly: node-local (never sent), keyed by the run's out_dir and partition.
+    Under fsdp each rank of the site keeps its own slice of them (rank r > 0 in `rank-r/`)."""
     root = Path(os.environ.get("FL_DILOCO_CACHE") or "~/.cache/fl-diloco").expanduser()
     run_key = hashlib.sha256(cfg.out_dir.encode()).hexdigest()[:16]
-    return root / "worker-state" / run_key / f"partition-{partition_id}"
+    directory = root / "worker-state" / run_key / f"partition-{partition_id}"
+    return directory / f"rank-{rank}" if rank else directory
 
 
 def _optimizer_file(directory: Path, server_round: int) -> Path:
     return directory / f"round-{server_round:06d}.pt"
 
 
-def saved_optimizer(cfg: RunConfig, partition_id: int, server_round: int) -> Path:
+def saved_optimizer(cfg: RunConfig, partition_id: int, server_round: int, rank: int = 0) -> Path:
     """The node's save of its worker's AdamW moments at `server_round`."""
-    return _optimizer_file(optimizer_state_dir(cfg, partition_id), server_round)
+    return _optimizer_file(optimizer_state_dir(cfg, partition_id, rank), server_round)
+
+
+def save_optimizer(trainer: InnerTrainer, cfg: RunConfig, partition_id: int, server_round: int,
+                   rank: int = 0) -> None:
+    """Save the AdamW moments of a checkpoint round; drop the older saves."""
+    directory = optimizer_state_dir(cfg, partition_id, rank)
+    directory.mkdir(parents=True, exist_ok=True)
+    trainer.save_optimizer(_optimizer_file(directory, server_round))
+    # One more than the server keeps: the server may die before writing this round's.
+    saved = sorted(directory.glob("round-*.pt"))
+    for old in saved[:-(cfg.keep_checkpoints + 1)]:
+        old.unlink(missing_ok=True)
 
 
 def worker_stream(cfg: RunConfig, corpus: Corpus, partition_id: int, num_partitions: int) -> BatchStream:
@@ -200,9 +214,10 @@ class Worker:
                 self._progress = ProgressPublisher(optimizer_state_dir(cfg, partition[0]))
             cfg, trainer = self.cfg, self.trainer
             initial = request["params"]
-            trainer.load_parameters(initial)
-            names = fragment_names([n for n, _ in trainer.model.named_parameters()],
-                                   cfg.num_fragments, cfg.fragment_pattern)
+            all_names = [n for n, _ in trainer.model.named_parameters()]
+            if self.site is None or not self.site.sharded:
+                trainer.load_parameters(initial)
+            names = fragment_names(all_names, cfg.num_fragments, cfg.fragment_pattern)
             self.fragments = [Fragment(p, group, initial, cfg.outer_lr, cfg.outer_momentum)
                               for p, group in enumerate(names)]
             self.start_round = start_round
@@ -212,7 +227,8 @@ class Worker:
             trainer.start_at(start_round * cfg.sync_interval)
             if self.site is not None:
                 self.site.command(LOAD_STATE, trainer.step)
-                self.site.broadcast_parameters(trainer.model)
+                self.site.set_parameters(trainer.model, all_names,
+                                         {n: torch.as_tensor(initial[n]) for n in all_names})
             if start_round:
                 self._restore_optimizer(start_round)
                 momentum = request["momentum"]
@@ -231,10 +247,11 @@ class Worker:
         """AdamW moments saved at `start_round` by this node's worker of the run, if any;
         otherwise the worker keeps the ones it has (fresh ones in a new process)."""
         saved = saved_optimizer(self.cfg, self.partition[0], start_round)
-        if saved.is_file():
+        ranks = range(self.site.ranks if self.site is not None and self.site.sharded else 1)
+        if all(saved_optimizer(self.cfg, self.partition[0], start_round, r).is_file() for r in ranks):
             try:
                 self.trainer.load_optimizer(saved)
-                if self.site is not None:  # DDP: every rank's moments are rank 0's
+                if self.site is not None:  # ddp: rank 0's moments; fsdp: each rank's own slice
                     self.site.command(LOAD_OPTIMIZER, start_round)
                 print(f"restored the AdamW moments of round {start_round} from {saved}", flush=True)
                 return
@@ -246,13 +263,9 @@ class Worker:
         cfg = self.cfg
         if not cfg.checkpoint_due(server_round):
             return
-        directory = optimizer_state_dir(cfg, self.partition[0])
-        directory.mkdir(parents=True, exist_ok=True)
-        self.trainer.save_optimizer(_optimizer_file(directory, server_round))
-        # One more than the server keeps: the server may die before writing this round's.
-        saved = sorted(directory.glob("round-*.pt"))
-        for old in saved[:-(cfg.keep_checkpoints + 1)]:
-            old.unlink(missing_ok=True)
+        if self.site is not None and self.site.sharded:  # ddp: rank 0's moments are everyone's
+            self.site.command(SAVE_OPTIMIZER, server_round)
+        save_optimizer(self.trainer, cfg, self.partition[0], server_round)
 
     def train(self, request: dict[str, Any]) -> dict[str, Any]:
         """Deliver the average this round's message carries; return Δ(r) once it exists."""
@@ -352,22 +365,34 @@ class Worker:
                     if not counted or stale_own is None:
                         stale_own = zeros_like(sent)  # never added to the average: nothing to take out
                     fragment.sent[server_round] = sent
-                    fragment.apply(eager_outer_gradient(stale_average, sent, stale_own,
-                                                        self._eager_weight(participants)),
-                                   trainer.model)
-                    self._share_fragment(fragment)
+                    self._apply(fragment, eager_outer_gradient(stale_average, sent, stale_own,
+                                                               self._eager_weight(participants)))
 
             for server_round in due.pop(step, []):
                 fragment = self.fragments[round_fragment(server_round, num_fragments)]
                 average, _, _ = self._wait_for_average(server_round, fragment, meter, generation)
-                fragment.apply(average, trainer.model, cfg.mixing)
-                self._share_fragment(fragment)
+                self._apply(fragment, average, cfg.mixing)
 
-    def _share_fragment(self, fragment: Fragment) -> None:
-        """The site's other ranks take the fragment rank 0 just updated (DDP: replicas)."""
-        if self.site is not None:
-            self.site.command(SET_FRAGMENT, fragment.index)
-            self.site.broadcast_parameters(self.trainer.model, fragment.names)
+    def _local_params(self, fragment: Fragment) -> LocalParams:
+        """The fragment's local parameters: the model's own, or under fsdp full copies that
+        rank 0 assembles from the site's slices."""
+        if self.site is None or not self.site.sharded:
+            return self.trainer.model
+        self.site.command(GATHER_FRAGMENT, fragment.index)
+        return self.site.gather_parameters(self.trainer.model, fragment.names)
+
+    def _apply(self, fragment: Fragment, update: Tensors, mixing: float = 0.0) -> None:
+        """The outer step on `fragment`, then every rank of the site takes its result."""
+        if self.site is None:
+            fragment.apply(update, self.trainer.model, mixing)
+            return
+        # fsdp merges into full copies (α = 0 overwrites them: no need to gather first).
+        local = (self.trainer.model if not self.site.sharded
+                 else self._local_params(fragment) if mixing
+                 else {n: torch.empty(s) for n, s in fragment.shapes.items()})
+        fragment.apply(update, local, mixing)
+        self.site.command(SET_FRAGMENT, fragment.index)
+        self.site.set_parameters(self.trainer.model, fragment.names, local)
 
     def _keep_site_until_stopped(self, generation: int) -> None:
         """The other ranks wait in a collective for rank 0's next command: keep it alive
@@ -397,7 +422,7 @@ class Worker:
         """Post round r's reply; returns the encoded outer gradient it carries."""
         cfg, trainer = self.cfg, self.trainer
         self._finish_queued_steps(meter)
-        wire = encode_tensors(fragment.outer_gradient(trainer.model), cfg.wire_precision)
+        wire = encode_tensors(fragment.outer_gradient(self._local_params(fragment)), cfg.wire_precision)
         ranks = cfg.ranks_per_worker
         tokens = len(meter.losses) * trainer.stream.batch_size * ranks * cfg.seq_len
         tokens_per_second = tokens / meter.compute_seconds

@@ -29,7 +29,7 @@ COMPUTE_PRECISIONS = ("auto", "bf16", "fp32")
 # to do with bytes that are not UTF-8 (Python's `errors=` names).
 DOCUMENT_UNITS = ("file", "paragraph")
 ENCODING_ERRORS = ("strict", "replace")
-# How a site's ranks split the work (clients/site.py); fsdp is reserved for FSDP2 sharding.
+# How a site's ranks split the work (clients/site.py): replicas, or FSDP2 shards.
 PARALLELISMS = ("ddp", "fsdp")
 # worker_idle_timeout=0: a worker exits after this many round timeouts without a request.
 IDLE_ROUND_TIMEOUTS = 3
@@ -178,9 +178,6 @@ class RunConfig:
         _choice("encoding_errors", self.encoding_errors, ENCODING_ERRORS)
         _choice("parallelism", self.parallelism, PARALLELISMS)
         _at_least("ranks_per_worker", self.ranks_per_worker, 1)
-        if self.parallelism == "fsdp" and self.ranks_per_worker > 1:
-            raise ConfigError("parallelism=fsdp is not yet supported; use parallelism=ddp "
-                              "(or ranks_per_worker=1)")
         from fl_diloco.model import PRESETS  # local import: keeps config importable alone
 
         if self.model not in PRESETS and self.model not in MODEL_ALIASES:
@@ -437,7 +434,8 @@ def key_help() -> dict[str, tuple[str, str]]:
                              "torch.distributed group; the site's batch is ranks_per_worker × "
                              "batch_size sequences", ">= 1"),
         "parallelism": ("how a site's ranks split the model: ddp replicates it and all-reduces "
-                        "gradients (fsdp, sharding it, is not supported yet)", one_of(PARALLELISMS)),
+                        "gradients; fsdp (FSDP2) shards parameters, gradients and AdamW state",
+                        one_of(PARALLELISMS)),
         "round_timeout": ("seconds a round waits for replies after the previous one closed; "
                           "then it closes with the replies it has", "> 0"),
         "startup_timeout": ("seconds the workers have to start (load the corpus, build the model) "

@@ -56,10 +56,11 @@ from strategies.outer_optimizer import Tensors, eager_outer_gradient, zeros_like
 
 
 def worker_threads(cfg: RunConfig) -> int:
-    """Torch threads per worker: the machine's cores shared among the co-located workers."""
+    """Torch threads per worker (per rank of a site): the machine's cores shared among the
+    co-located workers' ranks."""
     if cfg.threads_per_worker:
         return cfg.threads_per_worker
-    return max(1, (os.cpu_count() or 1) // cfg.num_clients)
+    return max(1, (os.cpu_count() or 1) // (cfg.num_clients * cfg.ranks_per_worker))
 
 
 def optimizer_state_dir(cfg: RunConfig, partition_id: int, rank: int = 0) -> Path:
@@ -202,8 +203,7 @@ class Worker:
                 if device == "cpu":
                     torch.set_num_threads(worker_threads(cfg))
                 # A node elsewhere has its own memory: refuse with the numbers, not by OOM.
-                check_memory(cfg.replace(device=device), workers_here=cfg.ranks_per_worker
-                             if device == "cpu" else 1, server_here=False)
+                check_memory(cfg.replace(device=device), workers_here=1, server_here=False)
                 if cfg.ranks_per_worker > 1:
                     self.site = start_site(cfg, partition, device)
                     if self.on_site_failure is not None:

@@ -142,7 +142,7 @@ class SiteGroup:
             pieces = [torch.empty_like(padded) for _ in rows] if self.rank == 0 else None
             dist.gather(padded, pieces, dst=0)
             if self.rank == 0:
-                full[name] = torch.cat([p[:n] for p, n in zip(pieces, rows)]).float().cpu()
+                full[name] = torch.cat([p[:n].float().cpu() for p, n in zip(pieces, rows)])
         return full
 
     @torch.no_grad()
@@ -156,8 +156,8 @@ class SiteGroup:
             received = torch.empty((max(rows), *local.shape[1:]), dtype=local.dtype, device=local.device)
             pieces = None
             if self.rank == 0:
-                full = values[name].to(local.device, local.dtype)
-                pieces = [_padded(p, max(rows)) for p in full.split(rows)]
+                pieces = [_padded(p, max(rows)).to(local.device, local.dtype)
+                          for p in values[name].split(rows)]
             dist.scatter(received, pieces, src=0)
             local.copy_(received[:local.shape[0]])
 

@@ -62,8 +62,9 @@ def submit_run(connection: str, out_dir: Path, run_config: dict[str, Any], env: 
     """`flwr run` one run on a running deployment; returns (summary.json, metrics.jsonl rows)."""
     summary_path = out_dir / SUMMARY_NAME
     summary_path.unlink(missing_ok=True)
+    # overwrite: a rerun of the bench replaces its own earlier run in out_dir.
     text = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}"
-                    for k, v in {**run_config, "out_dir": str(out_dir)}.items())
+                    for k, v in {**run_config, "out_dir": str(out_dir)}.items()) + " overwrite=true"
     print(f"\n== flwr run . {connection} --run-config '{text}' --stream", flush=True)
     began = time.monotonic()
     subprocess.run(["flwr", "run", ".", connection, "--run-config", text, "--stream"],

@@ -107,6 +107,7 @@ def make_config(args: argparse.Namespace, out_dir: str) -> RunConfig:
         "seed": args.seed,
         "eval_every": args.rounds + 1,  # only the final evaluation runs
         "out_dir": out_dir,
+        "overwrite": True,  # a rerun with the same --out-dir replaces this bench's own run
         "device": "cpu",
         "threads_per_worker": args.threads_per_worker,
     }

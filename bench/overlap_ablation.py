@@ -68,7 +68,8 @@ def run_row(name: str, base: dict, out_dir: Path, fresh: bool) -> dict:
     if summary_path.exists() and not fresh:
         print(f"== {name}: reusing {summary_path}", flush=True)
         return json.loads(summary_path.read_text())
-    cfg = RunConfig.from_mapping({**base, **ROWS[name][1], "out_dir": str(row_dir)})
+    # overwrite: a row run again (--fresh, or one that never finished) replaces its own directory.
+    cfg = RunConfig.from_mapping({**base, **ROWS[name][1], "out_dir": str(row_dir), "overwrite": True})
     print(f"\n== {name}: {cfg.variant_label} ==", flush=True)
     began = time.perf_counter()
     summary = run_job(cfg)

@@ -1,6 +1,11 @@
-"""The planner (fl_diloco/planner.py) against the eager-updates paper's 1B table.
+"""Both planner modes against the eager-updates paper's 1B table.
 
-The table is in docs/algorithms.md#compute-utilization.
+The table is in docs/algorithms.md#compute-utilization. Two modes:
+
+* paper (fl_diloco/planner_paper.py): the papers' own short simulation, a DAG per inner step
+  over 2 outer steps, cells read off the paper's bandwidth grid. The goal: every cell within
+  25 %, most of them the paper's exact grid point.
+* steady state (fl_diloco/planner.py, the default for users): what a long run needs.
 
 The paper reports, for a 1B model (24 layers, 0.1 s per step, fragments of 3 layers), the
 bandwidth in Gbit/s each method needs to reach 50/80/90/95/99 % compute utilization. Those
@@ -29,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fl_diloco.planner import CU_TARGETS, Workload, bandwidth_for_cu, bits_per_value
+from fl_diloco.planner_paper import GRID_GBPS, PAPER_MODELS, paper_table
 
 TOLERANCE = 0.25
 
@@ -54,8 +60,8 @@ PAPER_WORKLOAD = Workload(params=1e9, layers=24, step_time=0.1, workers=2, inner
                           fp4_scale_bits=0)
 
 # The paper's figures sit on np.logspace(-1, 3, 50) (0.1 to 1000 Gbit/s, x1.207 per point):
-# it reports the first simulated bandwidth whose CU reaches the target.
-PAPER_GRID = [10 ** (-1 + 4 * k / 49) for k in range(50)]
+# each is the largest grid point at which CU is still below the target.
+PAPER_GRID = list(GRID_GBPS)
 
 # Why a row misses, when it does (figures in braces are filled in from the run).
 MISS_REASONS = {
@@ -84,8 +90,60 @@ MISS_REASONS = {
 
 
 def on_grid(bandwidth: float) -> float:
-    """The paper's reported figure for a true threshold: the first grid point at or above it."""
-    return next((g for g in PAPER_GRID if g >= bandwidth * (1 - 1e-9)), math.inf)
+    """The paper's reported figure for a true threshold: the largest grid point below it."""
+    return max((g for g in PAPER_GRID if g < bandwidth * (1 - 1e-9)), default=0.0)
+
+
+def evaluate_paper_mode() -> dict:
+    """Every cell of PAPER_1B from the papers' simulation (planner_paper), one set of assumptions."""
+    rows = [(method, h, "bf16" if precision == "full" else precision)
+            for _label, method, h, precision, _paper in PAPER_1B.values()]
+    table = paper_table(PAPER_MODELS["1b"], rows)
+    cells = []
+    for (name, (*_rest, paper)), predicted in zip(PAPER_1B.items(), table):
+        for target, pred, ref in zip(CU_TARGETS, predicted, paper):
+            cells.append({"row": name, "target_cu": target, "predicted_gbps": pred, "paper_gbps": ref,
+                          "rel_error": pred / ref - 1,
+                          # exact: the grid point the paper's printed figure stands for
+                          "exact": pred == min(PAPER_GRID, key=lambda g: abs(g - ref))})
+    errors = [abs(c["rel_error"]) for c in cells]
+    return {"cells": cells, "max_abs_rel_error": max(errors),
+            "within_25pct": sum(e <= TOLERANCE for e in errors),
+            "exact": sum(c["exact"] for c in cells), "cells_total": len(cells)}
+
+
+PAPER_MODE_MISSES = (
+    "the H = 30 rows need 1.5 to 3.5 times the bandwidth this simulation gives, at every "
+    "target; at H = 100 the same rows match. At the paper's 50 % point of the τ = 1, H = 30 "
+    "row (2.4 Gbit/s) one FP4 fragment (0.5 Gbit) crosses in 0.21 s, and the 16 syncs of 2 "
+    "outer steps would have to stall 6 s in all for CU < 50 %: more than 0.375 s each, which "
+    "a fragment that is late only by its own transfer cannot do. The rows behave as if each "
+    "H = 30 sync carried about 3 times the payload; no documented assumption of the papers "
+    "gives that, and no constant is tuned per row here."
+)
+
+
+def print_table(result: dict, spec: str) -> None:
+    """Markdown: one row per method, each cell 'predicted vs paper (error)', misses marked."""
+    print("| method (1B) | " + " | ".join(f"CU {t:.0%}" for t in CU_TARGETS) + " |")
+    print("|---|" + "---|" * len(CU_TARGETS))
+    for name, (label, *_rest) in PAPER_1B.items():
+        cells = [c for c in result["cells"] if c["row"] == name]
+        print(f"| {label} | " + " | ".join(
+            f"{c['predicted_gbps']:{spec}} vs {c['paper_gbps']:g} ({c['rel_error']:+.0%})"
+            + ("" if abs(c["rel_error"]) <= TOLERANCE else " MISS") for c in cells) + " |")
+
+
+def print_paper_mode(result: dict) -> None:
+    print("PAPER MODE (fl_diloco/planner_paper.py): the papers' simulation, 2 outer steps\n")
+    print_table(result, ".1f")
+    goal = result["within_25pct"] == result["cells_total"]
+    print(f"\npaper mode: {result['within_25pct']}/{result['cells_total']} cells within 25 %, "
+          f"{result['exact']} on the paper's exact grid point; max error "
+          f"{result['max_abs_rel_error']:.0%}. Goal (every cell within 25 %): {'met' if goal else 'NOT met'}.")
+    if not goal:
+        print(f"  misses: {PAPER_MODE_MISSES}")
+    print("\n" + "-" * 72 + "\nSTEADY-STATE MODE (fl_diloco/planner.py, the default): what a long run needs\n")
 
 
 def evaluate(base: Workload = PAPER_WORKLOAD, full_precision: str = "bf16") -> dict:
@@ -130,6 +188,8 @@ def _summary(result: dict) -> dict:
 
 
 def main() -> int:
+    paper_mode = evaluate_paper_mode()
+    print_paper_mode(paper_mode)
     result = evaluate()
     w = PAPER_WORKLOAD
     print(f"planner vs paper, 1B: N={w.params:.3g}, L={w.layers}, T={w.step_time} s, "
@@ -143,13 +203,8 @@ def main() -> int:
               f"{c['predicted_on_grid_gbps']:9.3g} {c['paper_gbps']:7.1f} "
               f"{c['rel_error']:+7.0%} {mark}")
 
-    print("\n| method (1B) | " + " | ".join(f"CU {t:.0%}" for t in CU_TARGETS) + " |")
-    print("|---|" + "---|" * len(CU_TARGETS))
-    for name, (label, *_rest) in PAPER_1B.items():
-        cells = [c for c in result["cells"] if c["row"] == name]
-        print(f"| {label} | " + " | ".join(
-            f"{c['predicted_gbps']:.3g} vs {c['paper_gbps']:g} ({c['rel_error']:+.0%})"
-            for c in cells) + " |")
+    print()
+    print_table(result, ".3g")
 
     print("\nper row: payload that would fit it best, and its shape error after that fit")
     for name, row in result["rows"].items():
@@ -184,7 +239,7 @@ def main() -> int:
         print(f"  miss {name}: {text}")
 
     result.update(goal_met=goal, tolerance=TOLERANCE, miss_reasons=reasons,
-                  sensitivity=sensitivity)
+                  sensitivity=sensitivity, paper_mode=paper_mode)
     print(json.dumps(result, separators=(",", ":")))
     return 0
 

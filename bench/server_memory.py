@@ -289,6 +289,7 @@ def make_config(args: argparse.Namespace, clients: int, out_dir: str) -> RunConf
         "max_documents": args.max_documents, "eval_sequences": 16,
         "eval_every": args.rounds + 1,  # only the final evaluation, after the measured window
         "warmup_steps": 1, "threads_per_worker": 1, "device": "cpu", "out_dir": out_dir,
+        "overwrite": True,  # a rerun with the same --work-dir replaces this bench's own run
     })
 
 

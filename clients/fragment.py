@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
+from strategies.fragments import parse_key, select
 from strategies.outer_optimizer import OuterOptimizer, Tensors, outer_gradient
 
 # The local parameters: the model's own, or named full copies of them (a sharded site's rank 0
@@ -25,13 +26,19 @@ def _named(params: LocalParams) -> Mapping[str, torch.Tensor]:
     return dict(params.named_parameters()) if isinstance(params, torch.nn.Module) else params
 
 
+def parameter_names(keys: list[str]) -> list[str]:
+    """The parameters a fragment's keys lie in (a key may be some rows of one), in order."""
+    return list(dict.fromkeys(parse_key(key)[0] for key in keys))
+
+
 class Fragment:
-    def __init__(self, index: int, names: list[str], initial_params: Mapping[str, torch.Tensor],
+    def __init__(self, index: int, keys: list[str], initial_params: Mapping[str, torch.Tensor],
                  outer_lr: float, outer_momentum: float) -> None:
         self.index = index
-        self.names = list(names)
-        self.outer = OuterOptimizer({n: torch.as_tensor(initial_params[n]).float().clone()
-                                     for n in names}, outer_lr, outer_momentum)
+        self.keys = list(keys)  # parameter names or row ranges (strategies/fragments.py)
+        self.outer = OuterOptimizer({k: torch.as_tensor(t).float().clone()
+                                     for k, t in select(initial_params, keys).items()},
+                                    outer_lr, outer_momentum)
         self.sent: dict[int, Tensors] = {}
 
     @property
@@ -39,8 +46,7 @@ class Fragment:
         return {n: tuple(t.shape) for n, t in self.outer.params.items()}
 
     def local_params(self, model: LocalParams) -> Tensors:
-        named = _named(model)
-        return {n: named[n].detach().float().cpu() for n in self.names}
+        return {k: t.detach().float().cpu() for k, t in select(_named(model), self.keys).items()}
 
     def outer_gradient(self, model: LocalParams) -> Tensors:
         """Δ_{m,p} = θ_p − θ_{m,p,local}: start minus end of the fragment's local progress."""
@@ -53,10 +59,11 @@ class Fragment:
         α = 0 (every variant's default) restarts the local copy from θ_p.
         """
         self.outer.step(update)
-        named = _named(model)
-        for name in self.names:
-            target = self.outer.params[name].to(named[name].device, named[name].dtype)
+        for key, local in select(_named(model), self.keys).items():
+            target = self.outer.params[key].to(local.device, local.dtype)
             if mixing == 0.0:
-                named[name].copy_(target)
+                local.copy_(target)
             else:
-                named[name].mul_(mixing).add_(target, alpha=1.0 - mixing)
+                # Two products and a sum, as the formula reads: an in-place add_ with alpha may
+                # fuse into one multiply-add and round differently from one CPU to another.
+                local.copy_(mixing * local + (1.0 - mixing) * target)

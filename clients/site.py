@@ -255,6 +255,7 @@ def _follow(rank: int, port: int, cfg_dict: dict, partition: tuple[int, int], de
             parent_pid: int) -> None:
     from clients.worker import (  # clients.worker imports this module
         build_trainer, save_optimizer, saved_optimizer, worker_threads)
+    from clients.fragment import parameter_names
     from strategies.fragments import fragment_names
 
     _exit_with_parent(parent_pid)
@@ -268,8 +269,9 @@ def _follow(rank: int, port: int, cfg_dict: dict, partition: tuple[int, int], de
                             timeout=_timeout(cfg))
     site = SiteGroup(rank, ranks, cfg.parallelism == "fsdp")
     trainer = build_trainer(cfg, *partition, device, site)
-    fragments = fragment_names([n for n, _ in trainer.model.named_parameters()],
-                               cfg.num_fragments, cfg.fragment_pattern)
+    shapes = {n: p.shape for n, p in trainer.model.named_parameters()}  # fsdp: the full shapes
+    fragments = [parameter_names(keys) for keys in fragment_names(shapes, cfg.num_fragments,
+                                                                  cfg.fragment_pattern)]
     trainer.model.train()
     while True:
         op, arg = site.receive()
@@ -280,7 +282,7 @@ def _follow(rank: int, port: int, cfg_dict: dict, partition: tuple[int, int], de
         elif op == SET_FRAGMENT:
             site.set_parameters(trainer.model, fragments[arg])
         elif op == LOAD_STATE:
-            site.set_parameters(trainer.model, [n for n, _ in trainer.model.named_parameters()])
+            site.set_parameters(trainer.model, list(shapes))
             trainer.start_at(arg)
         elif op == SAVE_OPTIMIZER:
             save_optimizer(trainer, cfg, partition[0], arg, rank)

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from clients.fragment import Fragment, LocalParams
+from clients.fragment import Fragment, LocalParams, parameter_names
 from clients.inner_loop import InnerTrainer, mean_loss
 from clients.progress import ProgressPublisher
 from clients.site import GATHER_FRAGMENT, LOAD_OPTIMIZER, LOAD_STATE, NOOP, SAVE_OPTIMIZER, SET_FRAGMENT, STEP, RankSlice, \
@@ -214,10 +214,10 @@ class Worker:
                 self._progress = ProgressPublisher(optimizer_state_dir(cfg, partition[0]))
             cfg, trainer = self.cfg, self.trainer
             initial = request["params"]
-            all_names = [n for n, _ in trainer.model.named_parameters()]
+            shapes = {n: p.shape for n, p in trainer.model.named_parameters()}  # fsdp: the full shapes
             if self.site is None or not self.site.sharded:
                 trainer.load_parameters(initial)
-            names = fragment_names(all_names, cfg.num_fragments, cfg.fragment_pattern)
+            names = fragment_names(shapes, cfg.num_fragments, cfg.fragment_pattern)
             self.fragments = [Fragment(p, group, initial, cfg.outer_lr, cfg.outer_momentum)
                               for p, group in enumerate(names)]
             self.start_round = start_round
@@ -227,9 +227,12 @@ class Worker:
             trainer.start_at(start_round * cfg.sync_interval)
             if self.site is not None:
                 self.site.command(LOAD_STATE, trainer.step)
-                self.site.set_parameters(trainer.model, all_names,
-                                         {n: torch.as_tensor(initial[n]) for n in all_names})
-            if start_round:
+                self.site.set_parameters(trainer.model, list(shapes),
+                                         {n: torch.as_tensor(initial[n]) for n in shapes})
+            if not start_round:  # a new run: moments saved under its out_dir are an older run's
+                for saved in optimizer_state_dir(cfg, partition[0]).glob("**/round-*.pt"):
+                    saved.unlink(missing_ok=True)
+            else:
                 self._restore_optimizer(start_round)
                 momentum = request["momentum"]
                 for fragment in self.fragments:
@@ -379,20 +382,20 @@ class Worker:
         if self.site is None or not self.site.sharded:
             return self.trainer.model
         self.site.command(GATHER_FRAGMENT, fragment.index)
-        return self.site.gather_parameters(self.trainer.model, fragment.names)
+        return self.site.gather_parameters(self.trainer.model, parameter_names(fragment.keys))
 
     def _apply(self, fragment: Fragment, update: Tensors, mixing: float = 0.0) -> None:
         """The outer step on `fragment`, then every rank of the site takes its result."""
         if self.site is None:
             fragment.apply(update, self.trainer.model, mixing)
             return
-        # fsdp merges into full copies (α = 0 overwrites them: no need to gather first).
-        local = (self.trainer.model if not self.site.sharded
-                 else self._local_params(fragment) if mixing
-                 else {n: torch.empty(s) for n, s in fragment.shapes.items()})
+        # fsdp: into full copies of the fragment's parameters (with the rows of them that are
+        # not the fragment's, when a key is a row range), which the ranks then take slices of.
+        local = self._local_params(fragment)
         fragment.apply(update, local, mixing)
         self.site.command(SET_FRAGMENT, fragment.index)
-        self.site.set_parameters(self.trainer.model, fragment.names, local)
+        self.site.set_parameters(self.trainer.model, parameter_names(fragment.keys),
+                                 local if self.site.sharded else None)
 
     def _keep_site_until_stopped(self, generation: int) -> None:
         """The other ranks wait in a collective for rank 0's next command: keep it alive

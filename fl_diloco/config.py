@@ -100,6 +100,8 @@ class RunConfig:
     eval_every: int = 5
     eval_sequences: int = 256
     out_dir: str = ""  # "" = ./runs/<algorithm>-<timestamp>, made absolute at start
+    # Replace the run already in out_dir (fl_diloco/run_dir.py); without it a run refuses to start there.
+    overwrite: bool = False
     # Every `checkpoint_every` outer steps the server writes a resumable checkpoint (0 = none
     # but the final round's, which every run writes); the newest `keep_checkpoints` are kept.
     checkpoint_every: int = 5
@@ -121,6 +123,8 @@ class RunConfig:
     compile: bool = False  # torch.compile the worker's model
     peak_flops: float = 0.0  # one worker's peak FLOP/s for MFU (0 = fl_diloco.flops' table)
     threads_per_worker: int = 0  # 0 = share the machine's cores among the workers
+    # The server's evaluation and aggregation (0 = the cores the workers leave free, at least 1).
+    server_threads: int = 0
     # A site (one Flower node) trains on this many processes, one torch.distributed group
     # (clients/site.py); each takes batch_size sequences of the site's batch per inner step.
     ranks_per_worker: int = 1
@@ -189,7 +193,7 @@ class RunConfig:
                     "batch_size", "eval_every", "eval_sequences"):
             _at_least(key, getattr(self, key), 1)
         for key in ("warmup_steps", "lr_schedule_rounds", "max_documents", "threads_per_worker",
-                    "checkpoint_every", "max_reply_bytes", "micro_batch_size"):
+                    "server_threads", "checkpoint_every", "max_reply_bytes", "micro_batch_size"):
             _at_least(key, getattr(self, key), 0)
         if self.micro_batch_size and (self.micro_batch_size > self.batch_size
                                       or self.batch_size % self.micro_batch_size):
@@ -215,6 +219,9 @@ class RunConfig:
                               f"got {self.outlier_norm_ratio}")
         if self.resume and not os.path.isabs(self.resume):
             raise ConfigError(f"resume must be the absolute path of a run's out_dir, got '{self.resume}'")
+        if self.resume and self.overwrite:
+            raise ConfigError("overwrite=true would delete the run that resume continues; "
+                              "leave one of them out")
         if self.grad_clip < 0:
             raise ConfigError(f"grad_clip must be >= 0 (0 disables it), got {self.grad_clip}")
         self._validate_overlap()
@@ -407,7 +414,11 @@ def key_help() -> dict[str, tuple[str, str]]:
                        ">= 1"),
         "eval_sequences": ("held-out sequences per evaluation", ">= 1"),
         "out_dir": ("where the run writes config, metrics, summary, plots and checkpoints; "
-                    "empty = ./runs/<algorithm>-<timestamp>", "an absolute path, or empty"),
+                    "empty = ./runs/<algorithm>-<timestamp>. It must be new or unused: a run "
+                    "refuses a directory that holds another run or other files",
+                    "an absolute path, or empty"),
+        "overwrite": ("start even if out_dir holds another run: delete fl-diloco's outputs there "
+                      "first (never other files)", "true | false"),
         "checkpoint_every": ("a resumable checkpoint every N outer steps and after the last "
                              "(0 = after the last only)", ">= 0"),
         "keep_checkpoints": ("how many of the newest resumable checkpoints to keep", ">= 1"),
@@ -430,6 +441,10 @@ def key_help() -> dict[str, tuple[str, str]]:
                        "fl_diloco/flops.py; CPUs have none)", ">= 0"),
         "threads_per_worker": ("torch CPU threads per worker (0 = the machine's cores / "
                                "num_clients)", ">= 0"),
+        "server_threads": ("torch CPU threads of the server's evaluation and aggregation (0 = "
+                           "the cores num_clients workers leave free on the server's machine, at "
+                           "least 1: right when they share it; a coordinating site of its own "
+                           "sets its cores)", ">= 0"),
         "ranks_per_worker": ("processes (one per GPU) that train one site's worker as a "
                              "torch.distributed group; the site's batch is ranks_per_worker × "
                              "batch_size sequences", ">= 1"),

@@ -52,7 +52,8 @@ from fl_diloco.config import ConfigError, RunConfig, resolve_device
 from fl_diloco.data import BatchStream, Corpus, load_corpus
 from fl_diloco.evaluation import evaluate
 from fl_diloco.model import Transformer, model_config, num_parameters
-from fl_diloco.reporting import RunLog, failure_recorded, finish_run, prepare_out_dir
+from fl_diloco.reporting import RunLog, failure_recorded, finish_run
+from fl_diloco.run_dir import prepare_out_dir
 
 FP32_BYTES = 4
 
@@ -169,6 +170,8 @@ def _train_into(out_dir: Path, cfg: RunConfig) -> dict[str, Any]:
             "tokens_per_second": tokens / seconds,
             "participants": m_total,
             "rejected": 0,
+            "unavailable": 0,
+            "unavailable_nodes": [],
             "compute_seconds": seconds,
             "idle_seconds": 0.0,
             "bytes_up": bytes_round,
@@ -191,6 +194,7 @@ def _train_into(out_dir: Path, cfg: RunConfig) -> dict[str, Any]:
                "num_parameters": n_params,
                "bytes_model": bytes_model_description(m_total, n_params),
                "rejected_replies": 0,
+               "unavailable_node_rounds": 0,
                "optimizer_steps": step,
                "global_batch_size": m_total * cfg.batch_size},
     )

@@ -77,8 +77,8 @@ What each method sends and when its result is needed (τ_eff = steps of overlap)
                         The gradient all-reduce overlaps the rest of the backward and the
                         next forward per block (the DAG slack above), like DDP buckets.
     diloco              every H steps: all N outer-gradient values; τ_eff = 0 (blocking).
-    streaming           every H/P steps: one fragment (strided: blocks p, p+P, ...; the
-                        non-block parameters ride with the last fragment, as in
+    streaming           every H/P steps: one fragment (strided: blocks p, p+P, ...; rows of
+                        the non-block parameters level the fragments to N/P each, as in
                         strategies/fragments.py); τ_eff = 0.
     <family>-inner<τ>   the average is applied τ inner steps later: τ_eff = τ (paper: τ = 1).
     <family>-eager<d>   eager updates with d outer steps of delay: the average is needed d·H
@@ -122,9 +122,9 @@ What the paper's simulation must assume was inferred from its numbers, then fixe
   DiLoCo and τ = 1, H = 100 rows land within 18 % of every cell (15 of 30 cells).
 * The plateaus (4.3 4.3 4.3, 2.0 2.0 2.0, 0.2 0.2 0.2 0.2): 17 of the table's 21 distinct
   values are points of a log grid of 50 bandwidths from 0.1 to 1000 Gbit/s
-  (np.logspace(-1, 3, 50), a factor 1.207 apart) to the printed precision, and the other
-  four within 6 % of one. So the paper reports the first simulated bandwidth whose CU
-  reaches the target. When CU rises steeply, as for throughput-bound overlap (CU = B/B_full:
+  (np.logspace(-1, 3, 50), a factor 1.207 apart) to the printed precision. Each cell is the
+  largest grid point at which CU is still below the target (fl_diloco/planner_paper.py
+  reproduces the papers' simulation itself: `fl-diloco plan --mode paper`). When CU rises steeply, as for throughput-bound overlap (CU = B/B_full:
   80 % to 99 % is a factor 1.24, about one grid step) or once a transfer just fits under
   its overlap window, several targets fall between the same two grid points and report the
   same value. The flat rows are that knee, not a ceiling below 100 % (with latency 0 every
@@ -162,7 +162,7 @@ from fl_diloco.config import WIRE_PRECISIONS as PRECISIONS
 from fl_diloco.flops import TRAINING_FLOPS_PER_PARAM
 from fl_diloco.reporting import format_bytes
 from strategies.codecs import FP4_BLOCK_SIZE
-from strategies.fragments import fragment_blocks
+from strategies.fragments import fragment_blocks, level_quotas
 
 __all__ = [
     "CU_TARGETS",
@@ -416,18 +416,21 @@ def traffic_per_sync(workload: Workload, payload_bytes: float) -> dict[str, floa
 _NON_BLOCK = -1  # chunk id for the embedding/norm/head
 
 
-def _syncs(workload: Workload, method: Method) -> tuple[int, float, list[list[int]]]:
-    """(period in inner steps, bits per value, block ids of each sync in one period)."""
+def _syncs(workload: Workload, method: Method) -> tuple[int, float, list[list[int]], list[float]]:
+    """(period in inner steps, bits per value, block ids of each sync in one period, and the
+    non-block values each sync carries)."""
     everything = [*range(workload.layers), _NON_BLOCK]
     if method.family == "dp":
         return 1, bits_per_value(workload.grad_precision, workload.fp4_block_size,
-                                 workload.fp4_scale_bits), [everything]
+                                 workload.fp4_scale_bits), [everything], [workload.non_block_params]
     bits = bits_per_value(workload.precision, workload.fp4_block_size, workload.fp4_scale_bits)
     if method.family == "diloco":
-        return workload.inner_steps, bits, [everything]
+        return workload.inner_steps, bits, [everything], [workload.non_block_params]
     fragments = fragment_blocks(workload.layers, workload.fragments, workload.fragment_pattern)
-    fragments[-1].append(_NON_BLOCK)
-    return workload.inner_steps, bits, fragments
+    # The non-block rows level the fragments, as strategies/fragments.py shares them out.
+    shares = level_quotas([round(len(held) * workload.block_params) for held in fragments],
+                          round(workload.non_block_params))
+    return workload.inner_steps, bits, [[*held, _NON_BLOCK] for held in fragments], list(map(float, shares))
 
 
 def _ready(workload: Workload, block: int) -> float:
@@ -444,8 +447,8 @@ def _needed(workload: Workload, block: int, overlap_steps: int) -> float:
     return start if block == _NON_BLOCK else start + block * FORWARD_SHARE / workload.layers
 
 
-def _exposed_seconds(workload: Workload, blocks: list[int], bits: float, overlap_steps: int,
-                     per_bit: float, latency: float) -> tuple[float, float]:
+def _exposed_seconds(workload: Workload, blocks: list[int], non_block: float, bits: float,
+                     overlap_steps: int, per_bit: float, latency: float) -> tuple[float, float]:
     """(seconds the compute waits for this sync, seconds the link is busy with it)."""
     t = workload.step_time
     ready = {b: _ready(workload, b) * t for b in blocks}
@@ -454,7 +457,7 @@ def _exposed_seconds(workload: Workload, blocks: list[int], bits: float, overlap
         ready = dict.fromkeys(blocks, last)
     link_free, worst, busy = 0.0, 0.0, 0.0
     for block in sorted(blocks, key=lambda b: ready[b]):
-        size = workload.non_block_params if block == _NON_BLOCK else workload.block_params
+        size = non_block if block == _NON_BLOCK else workload.block_params
         transfer = size * bits * per_bit
         link_free = max(link_free, ready[block]) + transfer
         busy += transfer
@@ -502,12 +505,12 @@ def predict(workload: Workload, method: str | Method, bandwidth_gbps: float,
     steps = workload.inner_steps if steps is None else steps
     _require(isinstance(steps, int) and steps >= 1, "steps", "must be an int >= 1", steps)
 
-    period, bits, syncs = _syncs(workload, method)
+    period, bits, syncs, non_block = _syncs(workload, method)
     per_bit, latency = link_costs(workload, bandwidth_gbps, latency_s)
     overlap = method.overlap_steps(workload.inner_steps)
     exposed = busy = 0.0
-    for blocks in syncs:
-        wait, link = _exposed_seconds(workload, blocks, bits, overlap, per_bit, latency)
+    for blocks, values in zip(syncs, non_block):
+        wait, link = _exposed_seconds(workload, blocks, values, bits, overlap, per_bit, latency)
         exposed += max(0.0, wait)
         busy += link
     compute = period * workload.step_time
@@ -662,6 +665,10 @@ def _build_parser() -> argparse.ArgumentParser:
                "CU and the eager-updates paper's 1B table it is checked against are in "
                "docs/algorithms.md#compute-utilization.",
     )
+    p.add_argument("--mode", choices=MODES, default="steady",
+                   help="steady (default): what a long run needs; paper: the papers' short "
+                        "simulation, to compare with their tables (fl-diloco plan --mode paper "
+                        "--help)")
     m = p.add_argument_group("model (one of)")
     m.add_argument("--model", choices=list(PRESETS), help="a preset from fl_diloco.model")
     m.add_argument("--params", type=_POS_FLOAT, help="parameter count N (with --layers)")
@@ -797,9 +804,26 @@ def _describe(workload: Workload, methods: Sequence[str], latency_s: float) -> s
     return text
 
 
+MODES = ("steady", "paper")
+
+
+def _mode(argv: list[str]) -> tuple[str, list[str]]:
+    """`--mode paper` hands the rest of the command line to fl_diloco/planner_paper.py (any
+    other value goes to the steady-state parser, which says what is allowed)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    probe.add_argument("--mode", default="steady")
+    known, rest = probe.parse_known_args(argv)
+    return known.mode, (rest if known.mode == "paper" else list(argv))
+
+
 def main(argv: list[str] | None = None) -> int:
     """`fl-diloco plan ...`: print the planning table; 0 on success, 2 on bad input."""
     argv = sys.argv[1:] if argv is None else argv
+    mode, rest = _mode(argv)
+    if mode == "paper":
+        from fl_diloco.planner_paper import main as paper_main
+
+        return paper_main(rest)
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)

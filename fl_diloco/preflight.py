@@ -1,8 +1,8 @@
 """Checks that fail a run in seconds, before Ray, Flower or any worker starts.
 
-A bad data path, a missing GPU or a model too large for the machine would otherwise surface
-only after the simulation and its workers are up (tens of seconds and a page of Flower
-internals later, or an OOM kill with no message at all). Each check raises
+An out_dir that holds another run, a bad data path, a missing GPU or a model too large for the
+machine would otherwise surface only after the simulation and its workers are up (tens of
+seconds and a page of Flower internals later, or an OOM kill with no message at all). Each check raises
 ConfigError with one sentence that names the key and the file or path to fix. They are cheap
 by design: they look at where the data is and sample the start of each file, they never
 load the corpus.
@@ -17,6 +17,7 @@ from fl_diloco.config import ConfigError, RunConfig, resolve_device
 from fl_diloco.data import (_JSON_EXTS, _TEXT_EXTS, HF_PREFIX, SHAKESPEARE, _resolve_local_files,
                             _saved_dataset_dir)
 from fl_diloco.memory import check_memory
+from fl_diloco.run_dir import check_out_dir
 
 # How much of each text file is sampled: enough to tell text from binary (git looks at the
 # first 8000 bytes for a NUL), little enough that a directory of many files is checked at once.
@@ -26,6 +27,7 @@ SAMPLE_BYTES = 8192
 def check_before_start(cfg: RunConfig, workers_here: int = 0) -> None:
     """Everything a run needs that can be checked before it starts; raises ConfigError.
     `workers_here`: how many of its workers will share this machine (0 = none, or unknown)."""
+    check_out_dir(cfg)  # a new run never writes into another run's directory
     check_data_source(cfg)
     resolve_device(cfg.device)  # device=cuda on a machine without CUDA
     check_memory(cfg, workers_here)

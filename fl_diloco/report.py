@@ -36,7 +36,7 @@ REPORT_NAME = "report.md"
 TOKENS_PLOT_NAME = "eval_loss_vs_tokens.png"
 H_PLOT_NAME = "eval_loss_vs_H.png"
 # Keys that never make two runs different variants: seeds are averaged over, paths are where.
-NOT_A_VARIANT = ("seed", "out_dir", "resume")
+NOT_A_VARIANT = ("seed", "out_dir", "overwrite", "resume")
 # Keys the report always states when every run shares them: what a reader asks first.
 ALWAYS_STATED = ("model", "num_clients", "inner_steps", "rounds")
 # Keys that RunConfig.variant_label already spells out.
@@ -320,8 +320,8 @@ def choose_baseline(rows: list[Row], selector: dict[str, str] | None) -> tuple[R
 def markdown_table(rows: list[Row], baseline: Row) -> str:
     base_loss = baseline.stat("final_eval_loss").mean
     lines = ["| variant | seeds | eval loss | ratio to baseline | tokens | wall time (s) | CU | "
-             "bytes up | bytes down |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "bytes up | bytes down | peak round / full sync |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         loss = row.stat("final_eval_loss")
         ratio = f"{loss.mean / base_loss:.4f}" if loss.mean is not None and base_loss else "-"
@@ -333,7 +333,8 @@ def markdown_table(rows: list[Row], baseline: Row) -> str:
             f"| {ratio} | {'-' if tokens.mean is None else f'{tokens.mean:,.0f}'} "
             f"| {row.stat('wall_seconds').format('.1f')} | {row.stat('compute_utilization').format('.3f')} "
             f"| {'-' if up.mean is None else format_bytes(up.mean)} "
-            f"| {'-' if down.mean is None else format_bytes(down.mean)} |")
+            f"| {'-' if down.mean is None else format_bytes(down.mean)} "
+            f"| {row.stat('peak_round_share').format('.3f')} |")
     return "\n".join(lines)
 
 

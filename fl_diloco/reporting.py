@@ -116,12 +116,14 @@ class RunLog:
         line = (
             f"[round {record['round']:>3}/{self.total_rounds}] "
             f"train_loss {_fmt(record.get('train_loss'))}  "
-            f"eval_loss {_fmt(record.get('eval_loss'))}  "
-            f"tokens/s {_fmt(record.get('tokens_per_second'), '.0f')}  "
+            f"eval_loss {_fmt(record.get('eval_loss'))}"
+            + (f" ({record['eval_seconds']:.1f}s)  " if record.get("eval_seconds") is not None else "  ")
+            + f"tokens/s {_fmt(record.get('tokens_per_second'), '.0f')}  "
             f"per worker {_fmt(record.get('tokens_per_second_per_worker'), '.0f')}  "
             + (f"mfu {record['mfu']:.1%}  " if record.get("mfu") is not None else "")
             + f"up {format_bytes(record.get('bytes_up', 0))}  down {format_bytes(record.get('bytes_down', 0))}"
             + (f"  rejected {record['rejected']}" if record.get("rejected") else "")
+            + (f"  failed nodes {record['unavailable_nodes']}" if record.get("unavailable_nodes") else "")
             + (f"  eta {format_duration(eta)}" if eta is not None else "")
         )
         if self.progress_bar is None:
@@ -213,6 +215,19 @@ def plot_loss_vs_tokens(out_dir: Path, records: list[dict[str, Any]], title: str
     return path
 
 
+def peak_round_bytes(records: list[dict[str, Any]], num_fragments: int) -> dict[str, Any]:
+    """The most bytes one round sent up, next to a full sync's: the P rounds of an outer step
+    carry every parameter exactly once (strategies/fragments.py), so their sum is a full sync.
+    Streaming exists to make the share about 1/P. Empty for runs without rounds' bytes."""
+    sent = {r["round"]: r["bytes_up"] for r in records if r.get("round", 0) >= 1 and "bytes_up" in r}
+    steps = [sum(sent[first + i] for i in range(num_fragments)) for first in sent
+             if (first - 1) % num_fragments == 0 and all(first + i in sent for i in range(num_fragments))]
+    if not steps or not max(steps):
+        return {}
+    peak, full = max(sent.values()), max(steps)
+    return {"peak_round_bytes_up": peak, "full_sync_bytes_up": full, "peak_round_share": peak / full}
+
+
 def finish_run(out_dir: Path, algorithm: str, cfg: Any, run_log: RunLog, *, compute_seconds: float,
                idle_seconds: float, bytes_up: int, bytes_down: int, extra: dict[str, Any] | None = None
                ) -> dict[str, Any]:
@@ -243,6 +258,7 @@ def finish_run(out_dir: Path, algorithm: str, cfg: Any, run_log: RunLog, *, comp
         **({} if run_mfu is not None else {"mfu_note": NO_MFU_NOTE}),
         "bytes_up": bytes_up,
         "bytes_down": bytes_down,
+        **peak_round_bytes(run_log.records, cfg.num_fragments),
         "out_dir": str(out_dir),
         **(extra or {}),
         "eval_history": [{"round": r["round"], "tokens": r["tokens_total"], "eval_loss": r["eval_loss"]}
@@ -257,21 +273,6 @@ def finish_run(out_dir: Path, algorithm: str, cfg: Any, run_log: RunLog, *, comp
     print_summary_table(summary)
     print(f"outputs in {out_dir}: {SUMMARY_NAME}, {METRICS_NAME}, {PLOT_NAME}, checkpoint/", flush=True)
     return summary
-
-
-def default_out_dir(algorithm: str) -> str:
-    """./runs/<algorithm>-<timestamp>, absolute: where a run writes when out_dir is unset."""
-    return str(Path.cwd() / "runs" / f"{algorithm}-{time.strftime('%Y%m%d-%H%M%S')}")
-
-
-def prepare_out_dir(cfg: Any) -> Path:
-    """The run's output directory (absolute), with the resolved config written into it (and
-    the failed.json of an earlier start that failed, if any, removed)."""
-    out_dir = Path(cfg.out_dir or default_out_dir(cfg.algorithm))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    (out_dir / FAILED_NAME).unlink(missing_ok=True)
-    return out_dir.resolve()
 
 
 def write_failure(directory: Path, err: BaseException, **context: Any) -> Path:

@@ -36,23 +36,27 @@ from fl_diloco.checkpoint import (CONFIG_NAME, CheckpointError, TrainingState, l
                                   training_checkpoints)
 from fl_diloco.config import DEFAULTS, RunConfig
 from fl_diloco.reporting import SUMMARY_NAME
+from fl_diloco.run_dir import check_same_run
 
 # Keys a resumed run may set differently from the run it continues: where and how it runs,
 # not what it computes. (`rounds` may grow: that extends the run, see the module docstring.)
-RESUMABLE_CHANGES = ("resume", "out_dir", "device", "threads_per_worker", "round_timeout",
-                     "startup_timeout", "node_wait_timeout", "worker_idle_timeout", "eval_every", "eval_sequences",
-                     "checkpoint_every", "keep_checkpoints", "tensorboard", "peak_flops")
+RESUMABLE_CHANGES = ("resume", "out_dir", "overwrite", "device", "threads_per_worker", "server_threads",
+                     "round_timeout", "startup_timeout", "node_wait_timeout", "worker_idle_timeout",
+                     "eval_every", "eval_sequences", "checkpoint_every", "keep_checkpoints", "tensorboard",
+                     "peak_flops")
 
 
 def load_resume(cfg: RunConfig, explicit_keys: Collection[str] = ()) -> tuple[RunConfig, TrainingState]:
     """The config and newest training checkpoint of the run `cfg.resume` names; a
-    CheckpointError (a ConfigError) says in one sentence why there is nothing to resume."""
+    CheckpointError (a ConfigError) says in one sentence why there is nothing to resume, or
+    why that checkpoint is not the directory's run (fl_diloco/run_dir.py)."""
     run_dir = Path(cfg.resume)
     if not run_dir.is_dir():
         raise CheckpointError(f"resume={cfg.resume}: no such directory")
     if not training_checkpoints(run_dir):
         raise CheckpointError(why_no_checkpoint(run_dir))
     state = load_training_checkpoint(run_dir)
+    check_same_run(run_dir, state)
     return resume_config(cfg, state, explicit_keys), state
 
 
@@ -102,7 +106,8 @@ def resume_config(cfg: RunConfig, resumed: TrainingState, explicit_keys: Collect
     if cfg.out_dir and os.path.realpath(cfg.out_dir) != os.path.realpath(cfg.resume):
         raise CheckpointError(f"resume={cfg.resume} continues that run in its own directory; "
                               f"leave out_dir unset or equal to it (got out_dir={cfg.out_dir})")
-    values.update(resume=cfg.resume, out_dir=cfg.resume)
+    # The run the original overwrote, if any, is gone; this one must not delete its own.
+    values.update(resume=cfg.resume, out_dir=cfg.resume, overwrite=False)
     return RunConfig.from_mapping(values)
 
 

@@ -11,6 +11,8 @@ checkpoint, summary.json and the loss plot under the run's output directory.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import textwrap
 import time
 from collections.abc import Collection, Iterator, Mapping
@@ -26,7 +28,7 @@ from flwr.supercore import log
 
 from clients.channel import LOG_NAME, worker_dir_name, worker_log_tail
 from clients.progress import slowest_step
-from clients.worker import optimizer_state_dir
+from clients.worker import optimizer_state_dir, worker_threads
 from fl_diloco.checkpoint import TrainingState, save_checkpoint, save_training_checkpoint
 from fl_diloco.client_app import PREPARE_ACTION, RUN_CONFIG_KEY, SHUTDOWN_ACTION
 from fl_diloco.config import ConfigError, RunConfig, resolve_device
@@ -35,9 +37,9 @@ from fl_diloco.evaluation import evaluate
 from fl_diloco.flops import model_flops_per_token
 from fl_diloco.model import Transformer, load_parameters, model_config
 from fl_diloco.preflight import check_before_start
-from fl_diloco.reporting import (SUMMARY_NAME, RunLog, compute_utilization, failure_recorded, finish_run,
-                                 prepare_out_dir, throughput)
+from fl_diloco.reporting import SUMMARY_NAME, RunLog, compute_utilization, failure_recorded, finish_run, throughput
 from fl_diloco.resume import complete_message, finished_summary, load_resume
+from fl_diloco.run_dir import prepare_out_dir, read_run_id
 from strategies.diloco import DiLoCo, RoundStats
 from strategies.wire import serialized_bytes
 
@@ -66,9 +68,13 @@ def query_workers(grid: Grid, node_ids: list[int], action: str, timeout: float,
                         message_type=f"{MessageType.QUERY}.{action}", dst_node_id=node)
                 for node in node_ids]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
+    # Pushing gave each message its id. An error the SuperLink writes for a node it lost
+    # carries the SuperLink's own id as sender: name the node asked.
+    asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     for reply in replies:
         if reply.has_error():
-            log(WARNING, "node %d could not %s its worker: %s", reply.metadata.src_node_id, action,
+            log(WARNING, "node %d could not %s its worker: %s",
+                asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id), action,
                 reply.error.reason)
     confirmed = {r.metadata.src_node_id for r in replies if not r.has_error()}
     return [node for node in node_ids if node not in confirmed]
@@ -100,6 +106,10 @@ class RoundPipeline:
     Replies are pulled one message at a time and handed on as they come, so the server never
     holds more than one reply it has not yet folded into the average. Replies that come after
     their round closed are handed on too: the strategy rejects and logs them.
+
+    A failure is reported as the node that was asked (strategy.node_failed): an error reply
+    the SuperLink writes for a node it lost carries the SuperLink's own id as its sender, so
+    the node is looked up by the id of the message the reply answers.
     """
 
     def __init__(self, grid: Grid, strategy: DiLoCo, cfg: RunConfig, first_round: int = 1,
@@ -108,8 +118,9 @@ class RoundPipeline:
         self.last_round, self.timeout, self.poll_interval = cfg.flower_rounds, cfg.round_timeout, poll_interval
         self.next_to_send = first_round
         self.open: dict[int, dict[str, int]] = {}  # round → {id of an unanswered message: its node}
-        # Messages whose round closed without their reply → that round; kept for a few rounds.
-        self.late: dict[str, int] = {}
+        # Messages whose round closed without their reply → (that round, their node); kept
+        # for a few rounds.
+        self.late: dict[str, tuple[int, int]] = {}
         self.resyncs: dict[str, int] = {}  # id of a prepare message → its node
         self.resynced_after: dict[int, int] = {}  # node → the round after which it got the state
 
@@ -150,19 +161,23 @@ class RoundPipeline:
         while waiting and time.monotonic() < deadline:
             for message_id in [*waiting, *self.late]:
                 for reply in self.grid.pull_messages([message_id]):
-                    waiting.pop(message_id, None)
-                    self.late.pop(message_id, None)
-                    yield reply
+                    asked_in, node = ((server_round, waiting.pop(message_id)) if message_id in waiting
+                                      else self.late.pop(message_id))
+                    if not reply.has_error():
+                        yield reply
+                    elif asked_in == server_round:
+                        self.strategy.node_failed(server_round, node, reply.error.reason)
+                    else:  # counted when its round closed without it
+                        log(WARNING, "round %d: node %d answered round %d, which closed without it, "
+                            "with an error: %s", server_round, node, asked_in, reply.error.reason)
             self._check_resyncs()
             if waiting:
                 time.sleep(self.poll_interval)
-        if waiting:
-            log(WARNING, "round %d: node(s) %s did not reply within round_timeout=%.0fs",
-                server_round, sorted(waiting.values()), self.timeout)
-            for node in waiting.values():  # it may have missed messages too: send it the state
-                self.strategy.needs_state.setdefault(node, server_round)
-        self.late = {m: r for m, r in self.late.items() if r > server_round - 3 * self.strategy.in_flight}
-        self.late.update(dict.fromkeys(waiting, server_round))
+        for node in sorted(waiting.values()):
+            self.strategy.node_failed(server_round, node, f"no reply within round_timeout={self.timeout:g}s")
+        self.late = {m: (r, node) for m, (r, node) in self.late.items()
+                     if r > server_round - 3 * self.strategy.in_flight}
+        self.late.update({m: (server_round, node) for m, node in waiting.items()})
 
     def _check_resyncs(self) -> None:
         for message_id in list(self.resyncs):
@@ -192,6 +207,27 @@ def prepare_content(strategy: DiLoCo, cfg: RunConfig, after_round: int) -> Recor
     return content
 
 
+def server_threads(cfg: RunConfig) -> int:
+    """Torch threads for the server's evaluation and aggregation: `server_threads`, or (0) the
+    cores that num_clients workers of `worker_threads` threads each leave free on this
+    machine, at least 1. That assumes the workers share the machine, as they do in simulation;
+    a coordinating site with cores of its own sets server_threads."""
+    if cfg.server_threads:
+        return cfg.server_threads
+    return max(1, (os.cpu_count() or 1) - cfg.num_clients * worker_threads(cfg))
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with `count` torch threads (in this thread), then restore the count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_server(grid: Grid, cfg: RunConfig, explicit_keys: Collection[str] = ()) -> dict[str, Any]:
     """DiLoCo's outer loop; returns the run's summary (also written to summary.json).
 
@@ -215,7 +251,7 @@ def run_server(grid: Grid, cfg: RunConfig, explicit_keys: Collection[str] = ()) 
     out_dir = prepare_out_dir(cfg)
     if resumed:  # the run is unfinished again until it writes a new summary
         (out_dir / SUMMARY_NAME).unlink(missing_ok=True)
-    with failure_recorded(out_dir):
+    with failure_recorded(out_dir), torch_threads(server_threads(cfg)):
         # The workers key their node-local state by the run's directory: give them the real one.
         return train_rounds(grid, cfg.replace(out_dir=str(out_dir)), resumed)
 
@@ -223,7 +259,8 @@ def run_server(grid: Grid, cfg: RunConfig, explicit_keys: Collection[str] = ()) 
 def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> dict[str, Any]:
     """The run once its out_dir exists: start the workers, run every round, write the results."""
     out_dir = Path(cfg.out_dir)
-    log(INFO, "fl-diloco %s: writing to %s", cfg.algorithm, out_dir)
+    log(INFO, "fl-diloco %s: writing to %s; the server uses %d torch thread(s) (server_threads)",
+        cfg.algorithm, out_dir, torch.get_num_threads())
     # Building the corpus here first also fills the tokenizer/token cache the workers read.
     log(INFO, "loading the corpus (data_source=%s; a source's first run also trains its tokenizer)",
         cfg.data_source)
@@ -235,9 +272,12 @@ def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> d
     model_cfg = model_config(cfg.model_preset, vocab_size=corpus.vocab_size, seq_len=cfg.seq_len)
     model = Transformer(model_cfg).to(device)
 
-    def eval_params(params: Mapping[str, torch.Tensor]) -> float:
+    def eval_params(params: Mapping[str, torch.Tensor]) -> tuple[float, float]:
+        """The held-out loss of `params`, and the seconds the server took to evaluate it."""
+        began = time.perf_counter()
         load_parameters(model, params)
-        return evaluate(model, validation, cfg.batch_size, device)["eval_loss"]
+        loss = evaluate(model, validation, cfg.batch_size, device)["eval_loss"]
+        return loss, time.perf_counter() - began
 
     node_ids = wait_for_nodes(grid, cfg.num_clients, cfg.node_wait_timeout)
     strategy = DiLoCo.from_config(cfg, {n: p.detach().cpu() for n, p in model.named_parameters()},
@@ -258,9 +298,13 @@ def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> d
         # The others are training already: stop them rather than leave them waiting for rounds.
         query_workers(grid, node_ids, SHUTDOWN_ACTION, timeout=30)
         raise RuntimeError(startup_failure(grid.run.run_id, not_ready, cfg.startup_timeout))
-    setup_bytes = serialized_bytes(worker_state) * len(node_ids)
-    log(INFO, "%d workers ready in %.1fs; they are training", len(node_ids),
-        time.perf_counter() - setup_began)
+    # This launch, after those whose rounds the checkpoint holds: a resumed run's summary
+    # adds up their start-ups (each launch starts its workers anew).
+    launch = {"from_round": start_round, "worker_setup_seconds": round_began - setup_began,
+              "setup_bytes_down": serialized_bytes(worker_state) * len(node_ids)}
+    launches = [*(resumed.meta.get("launches", []) if resumed else []), launch]
+    run_id = read_run_id(out_dir)  # in every checkpoint: a resume checks it is this directory's
+    log(INFO, "%d workers ready in %.1fs; they are training", len(node_ids), launch["worker_setup_seconds"])
     if not resumed:  # said before the progress bar appears, which a log line would break
         log(INFO, "evaluating the initial model on %d held-out sequences", len(validation))
     worker_folders = [optimizer_state_dir(cfg, p) for p in range(cfg.num_clients)]
@@ -268,8 +312,9 @@ def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> d
                      tensorboard=cfg.tensorboard, steps_per_round=cfg.sync_interval,
                      step_source=lambda: slowest_step(worker_folders))
     if not resumed:
-        run_log.log({"round": 0, "outer_step": 0, "tokens_total": 0,
-                     "eval_loss": eval_params(strategy.params)})
+        eval_loss, eval_seconds = eval_params(strategy.params)
+        run_log.log({"round": 0, "outer_step": 0, "tokens_total": 0, "eval_loss": eval_loss,
+                     "eval_seconds": eval_seconds})
 
     pipeline = RoundPipeline(grid, strategy, cfg, first_round=start_round + 1)
     pipeline.send_ready_rounds(aggregated_up_to=start_round)
@@ -288,12 +333,14 @@ def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> d
         tokens_total += stats.tokens
         tokens_per_second_per_worker, round_mfu = throughput(stats.per_client)
         due = server_round % (cfg.eval_every * cfg.num_fragments) == 0 or server_round == cfg.flower_rounds
+        eval_loss, eval_seconds = eval_params(strategy.params) if due else (None, None)
         run_log.log({
             "round": server_round,
             "outer_step": server_round / cfg.num_fragments,
             "fragment": stats.fragment,
             "train_loss": stats.train_loss,
-            "eval_loss": eval_params(strategy.params) if due else None,
+            "eval_loss": eval_loss,
+            "eval_seconds": eval_seconds,
             "tokens": stats.tokens,
             "tokens_total": tokens_total,
             "tokens_per_second": stats.tokens / round_seconds,
@@ -301,6 +348,8 @@ def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> d
             "mfu": round_mfu,
             "participants": stats.participants,
             "rejected": stats.rejected,
+            "unavailable": len(stats.unavailable_nodes),
+            "unavailable_nodes": sorted(stats.unavailable_nodes),
             "compute_seconds": stats.compute_seconds,
             "idle_seconds": stats.idle_seconds,
             "bytes_up": stats.bytes_up,
@@ -312,7 +361,8 @@ def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> d
             outer_tensors, strategy_meta = strategy.state_dict()
             save_training_checkpoint(
                 out_dir, server_round, strategy.params, outer_tensors,
-                {"tokens_total": tokens_total, "strategy": strategy_meta,
+                {"run_id": run_id, "launches": launches,
+                 "tokens_total": tokens_total, "strategy": strategy_meta,
                  "torch_rng_state": torch.get_rng_state().tolist(),
                  # Every worker is at inner step round·H/P; its data stream position follows
                  # from that step and the seed (clients.inner_loop.InnerTrainer.start_at).
@@ -325,6 +375,7 @@ def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> d
     save_checkpoint(out_dir / "checkpoint", strategy.params, cfg, model_cfg,
                     extra={"round": cfg.flower_rounds, "tokens": tokens_total})
     history = strategy.history
+    setup_bytes = sum(launch["setup_bytes_down"] for launch in launches)
     return finish_run(
         out_dir, cfg.algorithm, cfg, run_log,
         compute_seconds=sum(s.compute_seconds for s in history),
@@ -335,10 +386,14 @@ def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> d
                "variant": cfg.variant_label,
                "evaluated_parameters": EVALUATED_PARAMETERS[cfg.algorithm],
                "setup_bytes_down": setup_bytes,
-               "worker_setup_seconds": run_log.started - setup_began,
+               "worker_setup_seconds": sum(launch["worker_setup_seconds"] for launch in launches),
+               "launches": launches,
                "num_parameters": sum(p.numel() for p in model.parameters()),
                "flops_per_token": model_flops_per_token(model_cfg, cfg.seq_len),
                "rejected_replies": sum(s.rejected for s in history),
+               "unavailable_node_rounds": sum(len(s.unavailable_nodes) for s in history),
+               "server_threads": torch.get_num_threads(),
+               "eval_seconds": sum(r.get("eval_seconds") or 0.0 for r in run_log.records),
                "workers": worker_utilization(history)},
     )
 

@@ -22,8 +22,9 @@ from typing import Any
 from clients.channel import VISIBLE_GPUS_ENV
 from fl_diloco.client_app import make_client_app
 from fl_diloco.config import RunConfig
-from fl_diloco.reporting import FAILED_NAME, SUMMARY_NAME, default_out_dir
+from fl_diloco.reporting import FAILED_NAME, SUMMARY_NAME
 from fl_diloco.resume import complete_message, finished_summary, load_resume
+from fl_diloco.run_dir import default_out_dir
 from fl_diloco.server_app import make_server_app
 
 

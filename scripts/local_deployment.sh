@@ -12,7 +12,11 @@
 # (fl_diloco/certificates.py), starts the SuperLink with TLS and --enable-supernode-auth, registers
 # each node's public key with `flwr supernode register`, and starts each SuperNode with the CA
 # and its private key. Whoever reaches the SuperLink's port can still submit runs that execute
-# code on every node (README); here it listens on 127.0.0.1 only.
+# code on every node (README); here it listens on 127.0.0.1 only, which keeps other machines
+# out but not other accounts of this machine: any of them can submit a run, and its ServerApp
+# runs as the user the SuperLink runs as. So the processes never run as root where that can be
+# helped: started with sudo, the script runs everything as the user who invoked sudo
+# ($SUDO_USER); started as root otherwise, it warns.
 #
 # `up` adds (or replaces) a connection in Flower's config file, ${FLWR_HOME:-~/.flwr}/config.toml:
 # `fl-diloco-local` (TLS) or `fl-diloco-local-insecure`. State (pids, logs, certificates and keys,
@@ -20,6 +24,15 @@
 # Ports: the SuperLink's one HTTPS port $FL_DILOCO_SUPERLINK_PORT (default 8000: fleet, control
 # and runtime APIs), SuperNode i's own runtime API $FL_DILOCO_SUPERNODE_PORT+i (default 9094+i).
 set -euo pipefail
+
+if ((EUID == 0)) && [[ -n "${SUDO_USER:-}" && "$SUDO_USER" != root ]]; then
+    command -v setpriv >/dev/null || {
+        echo "error: started with sudo, but setpriv (util-linux) is missing to run as $SUDO_USER; run this script as $SUDO_USER, without sudo" >&2
+        exit 2; }
+    exec setpriv --reuid="$SUDO_USER" --regid="$(id -g "$SUDO_USER")" --init-groups \
+        env HOME="$(getent passwd "$SUDO_USER" | cut -d: -f6)" USER="$SUDO_USER" LOGNAME="$SUDO_USER" \
+        "$0" "$@"
+fi
 
 STATE_DIR="${FL_DILOCO_DEPLOYMENT_DIR:-$PWD/runs/local-deployment}"
 PIDS="$STATE_DIR/pids"
@@ -125,6 +138,16 @@ up() {
     command -v flower-superlink >/dev/null || {
         echo "error: flower-superlink not found; activate the environment where fl-diloco is installed" >&2; exit 2; }
     mkdir -p "$STATE_DIR"
+    [[ -w "$STATE_DIR" ]] || {
+        echo "error: $STATE_DIR is not writable by $(id -un) (left by an earlier up as another user?); remove it, or set FL_DILOCO_DEPLOYMENT_DIR" >&2
+        exit 2; }
+    if ((EUID == 0)); then
+        cat >&2 <<'EOF'
+WARNING: running as root. The SuperLink, every ServerApp submitted to it and the SuperNodes'
+workers run as root, and any account of this machine can submit a run to 127.0.0.1.
+Run this script as an unprivileged user (started with sudo, it runs as the user who invoked it).
+EOF
+    fi
 
     local connection superlink_security=() supernode_security=()
     if ((insecure)); then

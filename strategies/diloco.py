@@ -21,9 +21,12 @@ model, using the same quantized averages the workers receive:
             M is round r's participant count; the tracking is exact while every worker
             takes part, and stays the natural estimate when some drop out.
 
-Replies that fail validation (hostile or broken input) are logged with their node id and left
-out of the round. A node whose worker failed, went silent or restarted gets the server's
-state (`worker_state`) and contributes again from its next request.
+Replies that fail validation (hostile or broken input) are logged with their node id, left
+out of the round and counted as `rejected`. A node that failed (its reply is an error: its
+worker died, or the SuperLink lost the node) or went silent is counted apart, in
+`unavailable_nodes` (`node_failed`): it is a site in trouble, not a hostile one. Such a node,
+and one whose worker restarted, gets the server's state (`worker_state`) and contributes again
+from its next request.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from flwr.supercore import log
 
 from fl_diloco.config import RunConfig, staleness
 from strategies.codecs import CodecError, encode_tensors, encoded_nbytes
-from strategies.fragments import fragment_names, round_fragment, rounds_in_flight, stale_round
+from strategies.fragments import fragment_names, round_fragment, rounds_in_flight, select, stale_round
 from strategies.protocol import (AGGREGATE_KEY, CONFIG_KEY, METRICS_KEY, MOMENTUM_KEY, NEEDS_STATE_METRIC,
                                  OUTER_GRADIENT_KEY, PARAMS_KEY, REQUIRED_METRICS)
 from strategies.outer_optimizer import (OuterOptimizer, Tensors, WeightedAverage, eager_outer_gradient,
@@ -60,7 +63,8 @@ class RoundStats:
     round: int
     fragment: int = 0
     participants: int = 0
-    rejected: int = 0
+    rejected: int = 0  # replies that failed validation
+    unavailable_nodes: list[int] = field(default_factory=list)  # asked, but failed or went silent
     train_loss: float = float("nan")
     tokens: int = 0
     compute_seconds: float = 0.0
@@ -110,10 +114,11 @@ class DiLoCo(Strategy):
         self.node_ids = list(node_ids)
         self.algorithm = algorithm
         self.staleness = staleness(algorithm, delay)
-        self.fragments = fragment_names(self.params, num_fragments, fragment_pattern)
+        self.fragments = fragment_names({n: t.shape for n, t in self.params.items()}, num_fragments,
+                                        fragment_pattern)
         # One optimizer per fragment, over views of the one global parameter dict.
-        self.optimizers = [OuterOptimizer({n: self.params[n] for n in names}, outer_lr, outer_momentum)
-                           for names in self.fragments]
+        self.optimizers = [OuterOptimizer(select(self.params, keys), outer_lr, outer_momentum)
+                           for keys in self.fragments]
         self.in_flight = rounds_in_flight(self.staleness, self.num_fragments)
         self.weighting = weighting
         self.wire_precision = wire_precision
@@ -188,22 +193,22 @@ class DiLoCo(Strategy):
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping) -> None:
         """Restore what `state_dict` returned (the model and variant must be the same)."""
-        expected = {f"params.{n}" for n in self.params} | {f"momentum.{n}" for n in self.params}
+        buffers = self.momentum_buffer
+        expected = {f"params.{n}" for n in self.params} | {f"momentum.{n}" for n in buffers}
         missing = expected - set(tensors)
         if missing:
             raise ValueError(f"the saved outer state lacks {sorted(missing)[:3]}: it belongs to a "
                              f"different model or configuration")
-        with torch.no_grad():
-            buffers = self.momentum_buffer
-            for n in self.params:  # in place: the fragment optimizers hold views of these
+        with torch.no_grad():  # in place: the fragment optimizers hold views of these
+            for n in self.params:
                 self.params[n].copy_(tensors[f"params.{n}"])
-                buffers[n].copy_(tensors[f"momentum.{n}"])
+            for n, buffer in buffers.items():
+                buffer.copy_(tensors[f"momentum.{n}"])
         self.averages = {}
         for r, contributors in meta["averages"].items():
             fragment = self.fragments[round_fragment(int(r), self.num_fragments)]
             exact = {n: tensors[f"average.{r}.{n}"].float() for n in fragment}
-            shapes = {n: tuple(self.params[n].shape) for n in fragment}
-            self.averages[int(r)] = self._round_average(exact, set(contributors), shapes)
+            self.averages[int(r)] = self._round_average(exact, set(contributors), self._shapes(fragment))
         self.history = [RoundStats(**stats) for stats in meta["history"]]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord | None = None,
@@ -233,9 +238,7 @@ class DiLoCo(Strategy):
                 bytes_down = serialized_bytes(content)
             messages.append(Message(content=content, message_type=MessageType.TRAIN,
                                     dst_node_id=node_id, group_id=str(server_round)))
-        self._pending[server_round] = RoundStats(
-            round=server_round, fragment=round_fragment(server_round, self.num_fragments),
-            bytes_down=bytes_down * len(messages))
+        self._round_stats(server_round).bytes_down = bytes_down * len(messages)
         return messages
 
     def aggregate_train(self, server_round: int,
@@ -248,10 +251,9 @@ class DiLoCo(Strategy):
         median of the norms seen so far (and the first two, before a median means anything)
         is held back and judged when the round closes. Only outliers are held that long.
         """
-        fragment = round_fragment(server_round, self.num_fragments)
-        stats = self._pending.pop(server_round, None) or RoundStats(round=server_round, fragment=fragment)
-        names = self.fragments[fragment]
-        shapes = {n: tuple(self.params[n].shape) for n in names}
+        stats = self._round_stats(server_round)
+        fragment = stats.fragment
+        shapes = self._shapes(self.fragments[fragment])
         size_limit = self.max_reply_bytes or self._reply_limits.setdefault(
             fragment, default_reply_limit(shapes, self.wire_precision))
         average = WeightedAverage()
@@ -279,11 +281,9 @@ class DiLoCo(Strategy):
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                log(WARNING, "round %d: node %d failed: %s", server_round, node, reply.error.reason)
-                stats.rejected += 1
-                # Its worker may have died; sending the state to one that did not is harmless.
-                if node in self.node_ids:
-                    self.needs_state.setdefault(node, server_round)
+                # An error the node itself sent. (One the SuperLink writes for a node it lost
+                # carries the SuperLink's id: the ServerApp's RoundPipeline names the node asked.)
+                self.node_failed(server_round, node, reply.error.reason)
                 continue
             size = serialized_bytes(reply.content)
             stats.bytes_up += size
@@ -324,13 +324,30 @@ class DiLoCo(Strategy):
             # Nobody contributed: the round's average is zero, on the server and on every
             # worker alike, so their outer states stay in step.
             log(WARNING, "round %d: no usable reply; the round's average is zero", server_round)
-            exact = zeros_like({n: self.params[n] for n in names})
+            exact = zeros_like(select(self.params, self.fragments[fragment]))
         self.averages[server_round] = self._round_average(exact, contributors, shapes)
         self.optimizers[fragment].step(self._global_update(server_round))
         self._forget_old_averages(server_round)
-        self.history.append(stats)
+        self.history.append(self._pending.pop(server_round))
         return None, MetricRecord({"train_loss": stats.train_loss, "tokens": stats.tokens,
                                    "participants": stats.participants})
+
+    def node_failed(self, server_round: int, node: int, reason: str) -> None:
+        """Node `node` was asked for round r's outer gradient and failed: it answered with an
+        error, or not at all. Counted apart from rejected replies, and sent the server's state
+        (its worker may have died; a worker that did not just takes the state again)."""
+        log(WARNING, "round %d: node %d failed: %s", server_round, node, reason)
+        self._round_stats(server_round).unavailable_nodes.append(node)
+        if node in self.node_ids:
+            self.needs_state.setdefault(node, server_round)
+
+    def _round_stats(self, server_round: int) -> RoundStats:
+        """Round r's stats while it is open (configure_train starts them, aggregate_train closes them)."""
+        return self._pending.setdefault(server_round, RoundStats(
+            round=server_round, fragment=round_fragment(server_round, self.num_fragments)))
+
+    def _shapes(self, keys: list[str]) -> dict[str, tuple[int, ...]]:
+        return {key: tuple(t.shape) for key, t in select(self.params, keys).items()}
 
     def _round_average(self, exact: Tensors, contributors: set[int],
                        shapes: Mapping[str, tuple[int, ...]]) -> RoundAverage:

@@ -5,7 +5,9 @@ checkpoints, resync) against real `Worker` objects in this process, in seconds. 
 message is served in a thread of its own, as Flower serves concurrent messages, through the
 ClientApp adapter's own request and reply builders. Tests can make a worker die in the
 middle of a round (the node then starts a fresh worker, as `WorkerHandle.ensure_running`
-does), make a node go silent, or make the server process "die" at a round.
+does), make a node go silent, make the SuperLink answer for a node it lost (with the error
+Flower's SuperLink writes, which carries the SuperLink's own id), or make the server process
+"die" at a round.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterable
+from types import SimpleNamespace
 
 from flwr.app import Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.worker import Worker
@@ -30,6 +34,7 @@ class ServerKilled(RuntimeError):
 class FakeGrid:
     def __init__(self, num_nodes: int, first_node_id: int = 100) -> None:
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+        self.run = SimpleNamespace(run_id=TaskIdentity.run_id)  # what the ServerApp reads of Grid.run
         self.partitions = {first_node_id + i: i for i in range(num_nodes)}
         self.workers = {node: Worker() for node in self.partitions}
         self.replies: dict[str, Message] = {}
@@ -38,6 +43,9 @@ class FakeGrid:
         # Faults: (node, round) → what happens to that node's train request of that round.
         self.crash_at: set[tuple[int, int]] = set()
         self.silent_at: set[tuple[int, int]] = set()
+        # The SuperLink lost the node: it answers a train request of that round, or with
+        # round 0 every other request, with its own error.
+        self.unavailable_at: set[tuple[int, int]] = set()
         self.kill_server_at: int | None = None  # the server "dies" as it opens this round
         self.log: list[str] = []
 
@@ -78,8 +86,14 @@ class FakeGrid:
         kind = message.metadata.message_type
         request = {"partition_id": self.partitions[node], "num_partitions": len(self.partitions),
                    "device": "cpu"}
+        server_round = int(message.content[CONFIG_KEY]["round"]) if kind == MessageType.TRAIN else 0
+        if (node, server_round) in self.unavailable_at:
+            self.log.append(f"node {node} unavailable in round {server_round}")
+            with self.lock:
+                self.replies[message.metadata.message_id] = create_message_error_unavailable_res_message(
+                    message.metadata, "node_unavail")
+            return
         if kind == MessageType.TRAIN:
-            server_round = int(message.content[CONFIG_KEY]["round"])
             if (node, server_round) in self.silent_at:
                 self.log.append(f"node {node} silent in round {server_round}")
                 return

@@ -41,8 +41,11 @@ def test_a_worker_that_dies_mid_round_is_left_out_then_resyncs_and_contributes_a
     grid = FakeGrid(3)
     grid.crash_at.add((101, 2))
     summary = _run(cfg, grid)
-    participants = {r["round"]: r["participants"] for r in _records(tmp_path / "run") if r["round"]}
+    records = {r["round"]: r for r in _records(tmp_path / "run")}
+    participants = {r: record["participants"] for r, record in records.items() if r}
     assert participants[1] == 3 and participants[2] == 2  # round 2 closes with the survivors
+    # A site that failed is not one that sent hostile input.
+    assert records[2]["unavailable_nodes"] == [101] and records[2]["rejected"] == 0
     # The fresh worker asks for the state, gets it, and is counted again a few rounds later.
     assert participants[6] == 3
     assert min(r for r, p in participants.items() if r > 2 and p == 3) <= 3 + grid_in_flight(cfg)
@@ -56,14 +59,43 @@ def grid_in_flight(cfg):
     return max(1, cfg.staleness * cfg.num_fragments)
 
 
-def test_a_silent_node_does_not_hold_the_round_past_the_timeout(tmp_path):
+def test_a_silent_node_does_not_hold_the_round_past_the_timeout(tmp_path, caplog):
     cfg = small_config(tmp_path, num_clients=3, rounds=4, round_timeout=3.0, checkpoint_every=0)
     grid = FakeGrid(3)
     grid.silent_at.add((102, 2))
     _run(cfg, grid)
     records = {r["round"]: r for r in _records(tmp_path / "run")}
     assert records[2]["participants"] == 2
+    assert records[2]["unavailable"] == 1 and records[2]["unavailable_nodes"] == [102]
     assert records[3]["participants"] == 3  # the node was only silent, its worker kept its state
+    assert "round 2: node 102 failed: no reply within round_timeout=3s" in caplog.text
+
+
+def test_a_node_the_superlink_lost_is_named_and_counted_apart_from_rejected_replies(tmp_path, caplog):
+    """The SuperLink answers for a node that stopped sending heartbeats with an error from
+    itself (src_node_id 1): the failure must name the node that was asked."""
+    cfg = small_config(tmp_path, num_clients=3, rounds=4, checkpoint_every=0, round_timeout=60.0)
+    grid = FakeGrid(3)
+    grid.unavailable_at.add((101, 2))
+    summary = _run(cfg, grid)
+    records = {r["round"]: r for r in _records(tmp_path / "run")}
+    assert [(records[r]["unavailable"], records[r]["unavailable_nodes"]) for r in (1, 2, 3, 4)] == [
+        (0, []), (1, [101]), (0, []), (0, [])]
+    assert all(records[r]["rejected"] == 0 for r in (1, 2, 3, 4))
+    assert records[2]["participants"] == 2 and records[4]["participants"] == 3
+    assert summary["unavailable_node_rounds"] == 1 and summary["rejected_replies"] == 0
+    assert "round 2: node 101 failed: Error: Node Unavailable" in caplog.text
+    assert "node 1 failed" not in caplog.text
+
+
+def test_a_node_lost_before_round_1_is_named_too(tmp_path, caplog):
+    cfg = small_config(tmp_path, startup_timeout=60.0)
+    grid = FakeGrid(2)
+    grid.unavailable_at.add((101, 0))
+    with pytest.raises(RuntimeError, match=r"nodes \[101\]"):
+        _run(cfg, grid)
+    assert "node 101 could not prepare its worker: Error: Node Unavailable" in caplog.text
+    assert "node 1 could not" not in caplog.text
 
 
 def test_a_joiner_starts_from_the_servers_state(tmp_path):

@@ -262,3 +262,53 @@ def test_paper_1b_cells_stay_matched():
             assert abs(cell["rel_error"]) <= 0.25, cell
     assert result["within_25pct"] >= 15
     assert result["max_abs_rel_error"] <= 1.05
+
+
+# ----- paper mode (fl_diloco/planner_paper.py): the papers' own short simulation -----
+
+def test_paper_mode_1b_cells_stay_matched():
+    """Regression: 20/30 cells within 25 %, most on the paper's exact grid point.
+
+    Data-parallel and Streaming DiLoCo land on the paper's grid point in every cell, and the H = 100
+    overlap rows are within 25 %; the H = 30 rows miss (the bench says why).
+    """
+    result = load_bench("planner_vs_paper").evaluate_paper_mode()
+    assert result["cells_total"] == 30
+    for cell in result["cells"]:
+        if cell["row"] in ("dp", "streaming"):
+            assert cell["exact"], cell
+        if cell["row"] in ("dp", "streaming", "inner1-h100", "eager1-h100"):
+            assert abs(cell["rel_error"]) <= 0.25, cell
+    assert result["within_25pct"] >= 20 and result["exact"] >= 16
+
+
+def test_paper_mode_orders_the_methods_and_saturates():
+    from fl_diloco.planner_paper import PAPER_MODELS, simulate_cu
+
+    one_b = PAPER_MODELS["1b"]
+    for bandwidth in (0.2, 1.0, 5.0):
+        blocking, inner, eager = (simulate_cu(one_b, m, 100, 4, bandwidth)
+                                  for m in ("streaming", "streaming-inner1", "streaming-eager1"))
+        assert blocking <= inner <= eager <= 1.0
+    assert simulate_cu(one_b, "dp", 100, 16, 1e6) == pytest.approx(1.0, abs=1e-3)
+    assert simulate_cu(one_b, "diloco", 100, 16, 1e6) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_paper_mode_eager_ignores_the_last_outer_steps_traffic():
+    # Why the paper's eager figures are below what a long run needs: over its 2 simulated outer
+    # steps only the first step's fragments must arrive. At 0.3 Gbit/s a long run cannot carry
+    # 4 Gbit of FP4 every 10 s (the steady-state planner's CU < 0.8); the short run sees CU = 1.
+    from fl_diloco.planner_paper import PAPER_MODELS, simulate_cu
+
+    assert simulate_cu(PAPER_MODELS["1b"], "streaming-eager1", 100, 4, 0.3) == pytest.approx(1.0)
+    steady = predict(ONE_B.replace(precision="fp4", fp4_scale_bits=0), "streaming-eager1", 0.3)
+    assert steady.cu < 0.8
+
+
+@pytest.mark.parametrize("model", ["10b", "100b"])
+def test_plan_paper_mode_command(model, capsys):
+    assert main(["--mode", "paper", "--model", model, "--methods", "streaming-eager1:fp4",
+                 "--targets", "50,99"]) == 0
+    out = capsys.readouterr().out
+    assert "| streaming-eager1 | fp4 |" in out and {"10b": "L = 48", "100b": "L = 108"}[model] in out
+    assert main(["--mode", "paper", "--model", "7b"]) == 2

@@ -6,17 +6,22 @@ Each test names the wrong implementation it would catch, so the oracle is itself
 the Flower runs are compared with it.
 """
 
+import numpy as np
 import pytest
 import torch
 
 from clients.worker import build_trainer
 from tests.conftest import small_config
-from tests.reference import fragment_names, reference_run
+from tests.reference import fragment_names, reference_run, take
 from tests.tolerance import assert_same_trajectory
 
 
 def _theta0(cfg):
     return build_trainer(cfg, 0, cfg.num_clients, "cpu").parameters_fp32()
+
+
+def _shapes_of(params):
+    return {n: tuple(t.shape) for n, t in params.items()}
 
 
 def _assert_equal(a, b):
@@ -25,31 +30,50 @@ def _assert_equal(a, b):
         assert torch.equal(a[name], b[name]), name
 
 
-def _names(num_blocks):
-    per_block = ["attn.wq.weight", "mlp.w1.weight"]
-    blocks = [f"blocks.{i}.{p}" for i in range(num_blocks) for p in per_block]
-    return ["embed.weight", *blocks, "norm.weight", "head.weight"]
+def _shapes(num_blocks, vocab=40, width=4):
+    """A model's parameter shapes: blocks of two matrices, embedding, final norm and head."""
+    blocks = {f"blocks.{i}.{p}": (width, width) for i in range(num_blocks)
+              for p in ("attn.wq.weight", "mlp.w1.weight")}
+    return {"embed.weight": (vocab, width), **blocks, "norm.weight": (width,), "head.weight": (vocab, width)}
 
 
 def _blocks_of(names):
     return sorted({int(n.split(".")[1]) for n in names if n.startswith("blocks.")})
 
 
+def _rows_held(fragments, shapes):
+    """name → the row indices each fragment holds, concatenated in fragment order."""
+    held = {name: [] for name in shapes}
+    for keys in fragments:
+        for key in keys:
+            name, _, rows = key.partition("[")
+            first, last = map(int, rows[:-1].split(":")) if rows else (0, shapes[name][0])
+            held[name].extend(range(first, last))
+    return held
+
+
+def _elements(keys, shapes):
+    """How many elements a fragment's keys cover."""
+    return sum(len(rows) * int(np.prod(shapes[n])) // shapes[n][0]
+               for n, rows in _rows_held([keys], shapes).items())
+
+
 @pytest.mark.parametrize("num_blocks", [4, 6])
 @pytest.mark.parametrize("num_fragments", [1, 2, 3])
 @pytest.mark.parametrize("pattern", ["strided", "sequential"])
 def test_fragment_split(num_blocks, num_fragments, pattern):
-    names = _names(num_blocks)
-    fragments = fragment_names(names, num_fragments, pattern)
+    shapes = _shapes(num_blocks)
+    fragments = fragment_names(shapes, num_fragments, pattern)
     assert len(fragments) == num_fragments
-    # Every parameter in exactly one fragment, whole blocks only.
-    assert sorted(n for f in fragments for n in f) == sorted(names)
+    # Every row of every parameter in exactly one fragment, whole blocks only.
+    for name, rows in _rows_held(fragments, shapes).items():
+        assert sorted(rows) == list(range(shapes[name][0])), name
     for fragment in fragments:
         for block in _blocks_of(fragment):
             assert all(f"blocks.{block}.{p}" in fragment for p in ("attn.wq.weight", "mlp.w1.weight"))
-    # Non-block parameters live in the last fragment.
-    for name in ("embed.weight", "norm.weight", "head.weight"):
-        assert name in fragments[-1]
+    # The non-block rows level the fragments: none is more than one row above the mean.
+    total = sum(int(np.prod(s)) for s in shapes.values())
+    assert max(_elements(f, shapes) for f in fragments) <= total / num_fragments + 4
     blocks = [_blocks_of(f) for f in fragments]
     if pattern == "strided":
         assert blocks == [list(range(p, num_blocks, num_fragments)) for p in range(num_fragments)]
@@ -62,12 +86,22 @@ def test_fragment_split(num_blocks, num_fragments, pattern):
 
 
 def test_fragment_split_explicit_examples():
-    names = _names(6)
-    strided = fragment_names(names, 3, "strided")
-    assert _blocks_of(strided[0]) == [0, 3] and _blocks_of(strided[2]) == [2, 5]
-    sequential = fragment_names(names, 4, "sequential")
+    shapes = _shapes(6)  # blocks of 32 elements, embedding and head 160 each, norm 4: 516 in all
+    strided = fragment_names(shapes, 3, "strided")
+    # Level 172 = 516 / 3: each fragment has 64 block elements and takes 108 elements of the
+    # stream embed (40 rows of 4) · norm (4 rows of 1) · head (40 rows of 4): cuts at 108 and
+    # 216, i.e. embedding row 27 and head row (216 − 164) / 4 = 13.
+    assert strided[0] == ["embed.weight[0:27]", "blocks.0.attn.wq.weight", "blocks.0.mlp.w1.weight",
+                          "blocks.3.attn.wq.weight", "blocks.3.mlp.w1.weight"]
+    assert strided[1][0] == "embed.weight[27:40]" and strided[1][-2:] == ["norm.weight", "head.weight[0:13]"]
+    assert strided[2][-1] == "head.weight[13:40]" and _blocks_of(strided[2]) == [2, 5]
+    sequential = fragment_names(shapes, 4, "sequential")
     assert [_blocks_of(f) for f in sequential] == [[0, 1], [2, 3], [4], [5]]
-    assert fragment_names(names, 1, "strided") == [names]
+    # Fragments 2 and 3 hold one block each, so they take more of the stream: level 129, shares
+    # 65, 65, 97, 97; cuts at 65 → row 16 (64), 130 → row 32.5, a tie, so the lower row 32 (128),
+    # and 227 → head row 15.75 → 16 (228).
+    assert [_elements(f, shapes) for f in sequential] == [128, 128, 132, 128]
+    assert fragment_names(shapes, 1, "strided") == [list(shapes)]
 
 
 def test_rejects_quantized_wire(tmp_path):
@@ -139,15 +173,15 @@ def test_delayed_with_plain_sgd_sums_the_stale_averages(tmp_path, delay, fragmen
     P, R = cfg.num_fragments, cfg.flower_rounds
     theta0 = _theta0(cfg)
     result = reference_run(cfg)
-    for p, names in enumerate(fragment_names(list(theta0), P, cfg.fragment_pattern)):
+    fragments = fragment_names(_shapes_of(theta0), P, cfg.fragment_pattern)
+    for p, keys in enumerate(fragments):
         applied = [r for r in range(1, R - delay * P + 1) if (r - 1) % P == p]
-        for name in names:
-            expected = theta0[name] - sum(result.averages[r - 1][name] for r in applied)
-            torch.testing.assert_close(result.global_params[name], expected, rtol=0, atol=1e-6)
-    last = fragment_names(list(theta0), P, cfg.fragment_pattern)[(R - 1) % P]
+        for key in keys:
+            expected = take(theta0, key) - sum(result.averages[r - 1][key] for r in applied)
+            torch.testing.assert_close(take(result.global_params, key), expected, rtol=0, atol=1e-6)
     for m in range(cfg.num_clients):  # every worker restarts the last synced fragment from θ
-        for name in last:
-            assert torch.equal(result.worker_local_params[m][name], result.global_params[name])
+        for key in fragments[(R - 1) % P]:
+            assert torch.equal(take(result.worker_local_params[m], key), take(result.global_params, key))
 
 
 @pytest.mark.parametrize("delay,fragments", [(1, 1), (2, 1), (1, 2)])
@@ -163,15 +197,15 @@ def test_eager_with_plain_sgd_applies_every_contribution_once(tmp_path, delay, f
     M, P, R = cfg.num_clients, cfg.num_fragments, cfg.flower_rounds
     theta0 = _theta0(cfg)
     result = reference_run(cfg)
-    fragments_ = fragment_names(list(theta0), P, cfg.fragment_pattern)
+    fragments_ = fragment_names(_shapes_of(theta0), P, cfg.fragment_pattern)
     for m in range(M):
-        for p, names in enumerate(fragments_):
+        for p, keys in enumerate(fragments_):
             rounds_p = [r for r in range(1, R + 1) if (r - 1) % P == p]
-            for name in names:
-                total = sum(result.averages[r - 1][name] for r in rounds_p if r <= R - delay * P)
-                total = total + sum(result.outer_gradients[r - 1][m][name] / M
+            for key in keys:
+                total = sum(result.averages[r - 1][key] for r in rounds_p if r <= R - delay * P)
+                total = total + sum(result.outer_gradients[r - 1][m][key] / M
                                     for r in rounds_p if r > R - delay * P)
-                moved = result.worker_outer_params[m][name] - theta0[name]
+                moved = take(result.worker_outer_params[m], key) - take(theta0, key)
                 torch.testing.assert_close(moved, -total, rtol=0, atol=1e-6)
     # The workers really differ, so a double-counted stale term would show.
     first, second = result.outer_gradients[0]
@@ -216,13 +250,13 @@ def test_streaming_outer_gradient_is_taken_at_the_sync_not_when_applied(tmp_path
         plain.train_step()
         snapshots[step] = plain.parameters_fp32()
     _assert_equal(result.worker_local_params[0], snapshots[R * S + cfg.overlap_steps])
-    fragments = fragment_names(list(snapshots[1]), P, cfg.fragment_pattern)
-    for p, names in enumerate(fragments):
+    fragments = fragment_names(_shapes_of(snapshots[1]), P, cfg.fragment_pattern)
+    for p, keys in enumerate(fragments):
         last_sync = max(r for r in range(1, R + 1) if (r - 1) % P == p) * S
-        for name in names:
-            torch.testing.assert_close(result.global_params[name], snapshots[last_sync][name],
+        for key in keys:
+            torch.testing.assert_close(take(result.global_params, key), take(snapshots[last_sync], key),
                                        rtol=0, atol=1e-6)
-            assert not torch.equal(snapshots[last_sync][name], snapshots[last_sync + 1][name])
+            assert not torch.equal(take(snapshots[last_sync], key), take(snapshots[last_sync + 1], key))
 
 
 @pytest.mark.parametrize("mixing", [0.0, 0.3, 0.5])
@@ -238,7 +272,7 @@ def test_streaming_overlap_merges_tau_steps_after_the_sync(tmp_path, mixing):
     result = reference_run(cfg)
     replay = build_trainer(cfg, 0, 1, "cpu")
     start = replay.parameters_fp32()
-    fragments = fragment_names(list(replay.parameters_fp32()), P, cfg.fragment_pattern)
+    fragments = fragment_names(_shapes_of(start), P, cfg.fragment_pattern)
     snapshots = {}
     for step in range(1, R * S + tau + 1):
         replay.train_step()
@@ -247,6 +281,7 @@ def test_streaming_overlap_merges_tau_steps_after_the_sync(tmp_path, mixing):
         if step in snapshots:
             names, snapshot = snapshots.pop(step)
             params = replay.parameters_fp32()
-            params.update({n: mixing * params[n] + (1 - mixing) * snapshot[n] for n in names})
+            for key in names:
+                take(params, key).mul_(mixing).add_(take(snapshot, key), alpha=1 - mixing)
             replay.load_parameters(params)
     assert_same_trajectory(result.worker_local_params[0], replay.parameters_fp32(), start)

@@ -23,6 +23,7 @@ from fl_diloco.report import (
     parse_selector,
     report,
 )
+from fl_diloco.reporting import peak_round_bytes
 
 
 def fake_run(out_dir: Path, cfg: RunConfig, losses: list[float], wall: float = 10.0,
@@ -189,3 +190,12 @@ def test_a_job_of_a_live_sweep_stays_running(tmp_path):
     [job] = load_jobs(sweep)
     assert job.status == "incomplete"
     assert json.loads((sweep / SWEEP_INDEX_NAME).read_text())["jobs"][0]["status"] == "running"
+
+
+def test_peak_round_bytes_compares_a_round_with_a_full_outer_step():
+    # P = 2: rounds 1+2 and 3+4 are two outer steps; the full sync is the larger sum.
+    records = [{"round": 0}] + [{"round": r, "bytes_up": b} for r, b in zip(range(1, 6), (50, 52, 49, 51, 50))]
+    assert peak_round_bytes(records, 2) == {"peak_round_bytes_up": 52, "full_sync_bytes_up": 102,
+                                            "peak_round_share": 52 / 102}
+    assert peak_round_bytes(records, 1)["peak_round_share"] == 1.0  # DiLoCo: every round is a full sync
+    assert peak_round_bytes([{"round": 1, "train_loss": 3.0}], 1) == {}  # no bytes recorded (dp)

@@ -140,3 +140,24 @@ def test_rounds_at_their_default_extend_only_when_given_on_the_command_line(fini
     # A default given on the command line is a change like any other (the run warmed up 2 steps).
     with pytest.raises(CheckpointError, match="warmup_steps=30"):
         resume_config(_resume(finished), state, explicit_keys={"warmup_steps"})
+
+
+def test_a_resumed_runs_summary_covers_every_launch(finished_runs, tmp_path):
+    run_dir = shutil.copytree(finished_runs["diloco"], tmp_path / "run")
+    first = json.loads((run_dir / "summary.json").read_text())
+    summary = _run(_resume(run_dir, rounds=ROUNDS + 2), FakeGrid(2))
+    records = _records(run_dir)[1:]
+    # Each launch started the workers anew: the summary lists both, and adds them up.
+    assert [launch["from_round"] for launch in summary["launches"]] == [0, ROUNDS]
+    assert summary["launches"][0] == first["launches"][0]
+    for key in ("worker_setup_seconds", "setup_bytes_down"):
+        assert summary[key] == pytest.approx(sum(launch[key] for launch in summary["launches"]))
+    assert all(launch["worker_setup_seconds"] > 0 for launch in summary["launches"])
+    # The rest covers every round, the first launch's too.
+    assert summary["bytes_down"] == summary["setup_bytes_down"] + sum(r["bytes_down"] for r in records)
+    assert summary["bytes_up"] == sum(r["bytes_up"] for r in records)
+    for key in ("compute_seconds", "idle_seconds"):
+        assert summary[key] == pytest.approx(sum(r[key] for r in records))
+    assert sum(w["compute_seconds"] for w in summary["workers"]) == pytest.approx(summary["compute_seconds"])
+    # The wall clock goes on from the first launch's last round (the time between launches is not counted).
+    assert summary["wall_seconds"] > records[-1]["wall_seconds"] > records[ROUNDS - 1]["wall_seconds"] > 0

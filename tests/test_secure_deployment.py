@@ -3,22 +3,27 @@
 One SuperLink with TLS and `--enable-supernode-auth`, two SuperNodes whose public keys were
 registered with `flwr supernode register`, and a `flwr run` of the tiny model for 2 rounds, all
 as separate processes on free ports, with Flower's config in a temp FLWR_HOME (the user's
-~/.flwr is never touched). Two intruders try to join meanwhile and must be refused: a SuperNode
-with a key nobody registered, and a SuperNode without TLS. The certificates and keys are made
+~/.flwr is never touched). Intruders try to join meanwhile and must stay out: a SuperNode with a
+key nobody registered is refused; a SuperNode without TLS is never told why it cannot connect:
+it retries for ever (or gives up after --max-retries), as the README says. The certificates and keys are made
 at test time by fl_diloco/certificates.py, as the README tells sites to make theirs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import math
 import os
+import pwd
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -193,7 +198,7 @@ def test_tls_and_supernode_auth_train_two_rounds_and_refuse_intruders(tmp_path):
     tls = make_superlink_certificates(certs)
     keys = {name: make_node_key(certs / name) for name in ("site-0", "site-1", "intruder")}
 
-    superlink_port, *node_ports = free_ports(5)
+    superlink_port, *node_ports = free_ports(6)
     superlink = f"127.0.0.1:{superlink_port}"
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
@@ -237,6 +242,9 @@ def test_tls_and_supernode_auth_train_two_rounds_and_refuse_intruders(tmp_path):
         insecure = deployment.start("insecure", "flower-supernode", "--insecure", "--superlink", superlink,
                                     "--max-retries", "2", "--port", str(node_ports[3]),
                                     "--node-config", "partition-id=1 num-partitions=2")
+        retrying = deployment.start("insecure-retrying", "flower-supernode", "--insecure", "--superlink",
+                                    superlink, "--port", str(node_ports[4]),
+                                    "--node-config", "partition-id=1 num-partitions=2")
 
         run_id = json_from(deployment.flwr("run", ".", CONNECTION, "--run-config",
                                            f'{RUN_CONFIG} out_dir="{out_dir}"', "--format", "json"))["run-id"]
@@ -271,5 +279,60 @@ def test_tls_and_supernode_auth_train_two_rounds_and_refuse_intruders(tmp_path):
 
         nodes = json_from(deployment.flwr("supernode", "list", CONNECTION, "--format", "json"))["nodes"]
         assert {str(n["node-id"]) for n in nodes if n["status"] == "online"} == registered
+        # Without --max-retries a plaintext node is not refused: it retries for ever, and its
+        # log never says why (README, "Each training site").
+        log = deployment.log("insecure-retrying")
+        assert retrying.poll() is None, f"the plaintext SuperNode stopped retrying:\n{log}"
+        assert "Connection attempt failed, retrying in" in log and "SuperNode ID:" not in log, log
     finally:
         stop_all(deployment.processes)
+
+
+def _uid_of(pid: int) -> int:
+    """The real uid of a running process, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Uid line for pid {pid}")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_local_deployment_started_with_sudo_runs_as_the_invoking_user():
+    """`sudo scripts/local_deployment.sh up`: every process runs as $SUDO_USER, not root, since
+    any local account can submit a run whose ServerApp runs as the SuperLink's user."""
+    try:
+        user = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no 'nobody' account to stand for the user who invoked sudo")
+    usable = subprocess.run(["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups",
+                             "env", sys.executable, "-c", "import fl_diloco, flwr"], capture_output=True, check=False)
+    if usable.returncode != 0:
+        pytest.skip(f"'nobody' cannot run {sys.executable} with fl_diloco (it lives in a private folder?)")
+    # A folder that user can write (pytest's own temp tree is private to root).
+    base = Path(tempfile.mkdtemp(prefix="fl-diloco-sudo-"))
+    os.chown(base, user.pw_uid, user.pw_gid)
+    superlink_port, node_port = free_ports(2)
+    env = {**os.environ, "SUDO_USER": "nobody", "PYTHON": sys.executable, "FLWR_HOME": str(base / "flwr"),
+           "FL_DILOCO_DEPLOYMENT_DIR": str(base / "deployment"), "FLWR_TELEMETRY_ENABLED": "0",
+           "FL_DILOCO_SUPERLINK_PORT": str(superlink_port), "FL_DILOCO_SUPERNODE_PORT": str(node_port),
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    script = [str(ROOT / "scripts" / "local_deployment.sh")]
+    pids_file = base / "deployment" / "pids"
+    try:
+        up = subprocess.run([*script, "up", "1"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=RUN_TIMEOUT, check=False)
+        assert up.returncode == 0, f"up failed:\n{up.stdout}\n{up.stderr}"
+        assert "WARNING: running as root" not in up.stderr
+        started = dict(line.split() for line in pids_file.read_text().splitlines())
+        assert set(started) == {"superlink", "supernode-0"}
+        for name, pid in started.items():
+            processes = [int(pid), *children(int(pid))]
+            assert {_uid_of(p) for p in processes} == {user.pw_uid}, name
+    finally:
+        subprocess.run([*script, "down"], cwd=ROOT, env=env, capture_output=True, timeout=CLI_TIMEOUT,
+                       check=False)
+        if pids_file.exists():  # down failed: stop what is left, by pid
+            for line in pids_file.read_text().splitlines():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(line.split()[1]), signal.SIGKILL)
+        shutil.rmtree(base, ignore_errors=True)

@@ -73,7 +73,9 @@ def test_malformed_replies_are_rejected_and_leave_the_global_state_untouched(cap
     for n in params:
         assert torch.equal(strategy.params[n], params[n])
         assert torch.count_nonzero(strategy.momentum_buffer[n]) == 0
-    assert strategy.history[-1].rejected == len(replies)
+    # The error reply is the node failing, counted apart from the replies that fail validation.
+    assert strategy.history[-1].rejected == len(replies) - 1
+    assert strategy.history[-1].unavailable_nodes == [7]
 
 
 def test_a_bad_reply_does_not_spoil_the_good_ones():

@@ -99,7 +99,7 @@ class SiteGroup:
         self.processes: list = []  # rank 0: the followers' processes
         self._closing = False
 
-    # ----- rank 0 -----
+    # ----- the control channel: rank 0 commands, the others receive -----
 
     def command(self, op: int, arg: int = 0) -> None:
         self._command[0], self._command[1] = op, arg
@@ -181,6 +181,11 @@ class SiteGroup:
             pass
         for process in self.processes:
             process.join(timeout=10)
+        self.kill()
+        dist.destroy_process_group()
+
+    def abort(self) -> None:
+        """End the followers and leave the group without a word (it is broken)."""
         self.kill()
         dist.destroy_process_group()
 

@@ -206,10 +206,16 @@ class Worker:
                 check_memory(cfg.replace(device=device), workers_here=1, server_here=False)
                 if cfg.ranks_per_worker > 1:
                     self.site = start_site(cfg, partition, device)
-                    if self.on_site_failure is not None:
-                        self.site.watch(self.on_site_failure)
                     device = rank_device(device, 0)
-                self.trainer = build_trainer(cfg, *partition, device, self.site)
+                try:
+                    self.trainer = build_trainer(cfg, *partition, device, self.site)
+                except Exception:
+                    if self.site is not None:  # a later prepare starts a fresh group
+                        self.site.abort()
+                        self.site = None
+                    raise
+                if self.site is not None and self.on_site_failure is not None:
+                    self.site.watch(self.on_site_failure)
                 self.cfg, self.partition = cfg, partition
                 self._progress = ProgressPublisher(optimizer_state_dir(cfg, partition[0]))
             cfg, trainer = self.cfg, self.trainer

@@ -126,7 +126,8 @@ def _rank(rank: int, port: int, cfg_dict: dict, device: str, steps: int, warmup:
         torch.set_num_threads(threads)
     timeout = datetime.timedelta(seconds=600)
     store = dist.TCPStore(LOOPBACK, port, ranks, is_master=False, timeout=timeout)
-    dist.init_process_group(_backend(device, ranks), store=store, rank=rank, world_size=ranks, timeout=timeout)
+    dist.init_process_group(_backend(device, ranks), store=store, rank=rank, world_size=ranks,
+                            timeout=timeout)
     measured = _measure(cfg, device, SiteGroup(rank, ranks, cfg.parallelism == "fsdp"), steps, warmup)
     results.put({"rank": rank, "device": device, **measured})
     dist.destroy_process_group()
@@ -152,12 +153,14 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)
     gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
     result: dict = {"device": torch.cuda.get_device_name(0) if gpus else "cpu", "gpus": gpus,
-                    "cpu_cores": os.cpu_count(), "threads_per_rank": args.threads_per_rank, "ranks": args.ranks, "batch_size_per_rank": args.batch_size,
+                    "cpu_cores": os.cpu_count(), "threads_per_rank": args.threads_per_rank,
+                    "ranks": args.ranks, "batch_size_per_rank": args.batch_size,
                     "seq_len": args.seq_len, "throughput": {}, "memory": {}}
     if gpus and gpus < args.ranks:
         result["note"] = f"{args.ranks} ranks share {gpus} GPU(s) over gloo: a smoke test, not a speed-up"
     # 1 rank with the per-rank batch, 1 rank with the R-rank site's batch, R ranks.
-    for ranks, batch in ((1, args.batch_size), (1, args.batch_size * args.ranks), (args.ranks, args.batch_size)):
+    runs = ((1, args.batch_size), (1, args.batch_size * args.ranks), (args.ranks, args.batch_size))
+    for ranks, batch in runs:
         cfg = _config(args, args.model, ranks, "ddp").replace(batch_size=batch)
         site = run_site(cfg, device, args.steps, args.warmup, args.threads_per_rank)
         key = f"{ranks}_ranks_batch_{batch}_per_rank_tokens_per_second"
@@ -175,7 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
         for r in site:
             print(f"{args.memory_model} {parallelism} rank {r['rank']}: parameters + AdamW "
                   f"{r['param_and_adamw_mib']:,.1f} MiB, peak {r['peak_mib']:,.1f} MiB", flush=True)
-    ddp, fsdp = (sum(r["param_and_adamw_mib"] for r in result["memory"][p]) / args.ranks for p in ("ddp", "fsdp"))
+    ddp, fsdp = (sum(r["param_and_adamw_mib"] for r in result["memory"][p]) / args.ranks
+                 for p in ("ddp", "fsdp"))
     result["memory"]["fsdp_over_ddp_state_per_rank"] = round(fsdp / ddp, 3)
     print(json.dumps(result), flush=True)
     return result

@@ -167,7 +167,8 @@ class InnerTrainer:
         buffer = io.BytesIO()
         state = self.optimizer.state_dict()
         # fsdp: this rank's slice, as plain tensors (the dicts are the optimizer's own: copy)
-        state["state"] = {index: {k: v.to_local() if isinstance(v, DTensor) else v for k, v in moments.items()}
+        state["state"] = {index: {k: v.to_local() if isinstance(v, DTensor) else v
+                                  for k, v in moments.items()}
                           for index, moments in state["state"].items()}
         torch.save({"step": self.step, "optimizer": state}, buffer)
         atomic_write(path, lambda fh: fh.write(buffer.getvalue()))

@@ -33,8 +33,8 @@ import shutil
 import threading
 import time
 import traceback
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,8 +43,8 @@ import torch
 from clients.fragment import Fragment, LocalParams, parameter_names
 from clients.inner_loop import InnerTrainer, mean_loss
 from clients.progress import ProgressPublisher
-from clients.site import GATHER_FRAGMENT, LOAD_OPTIMIZER, LOAD_STATE, NOOP, SAVE_OPTIMIZER, SET_FRAGMENT, STEP, RankSlice, \
-    SiteGroup, rank_device, start_site
+from clients.site import (GATHER_FRAGMENT, LOAD_OPTIMIZER, LOAD_STATE, NOOP, SAVE_OPTIMIZER, SET_FRAGMENT,
+                          STEP, RankSlice, SiteGroup, rank_device, start_site)
 from fl_diloco.config import RunConfig, resolve_device
 from fl_diloco.data import BatchStream, Corpus, load_corpus
 from fl_diloco.flops import mfu

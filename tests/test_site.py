@@ -14,7 +14,8 @@ from clients.site import RankSlice
 from fl_diloco.data import BatchStream
 from tests.conftest import small_config
 from tests.in_process import run_in_process
-from tests.test_fault_processes import SMALL, _kill_session, _records, _short_dir, _train, _wait_for, _worker_pids
+from tests.test_fault_processes import (SMALL, _kill_session, _records, _short_dir, _train, _wait_for,
+                                        _worker_pids)
 from tests.test_reference import _config, _start, references  # noqa: F401 - references is a fixture
 from tests.tolerance import assert_same_trajectory
 

@@ -14,8 +14,21 @@ from collections.abc import Mapping
 
 import torch
 
-from strategies.fragments import select
+from strategies.fragments import parse_key, select
 from strategies.outer_optimizer import OuterOptimizer, Tensors, outer_gradient
+
+# The local parameters: the model's own, or named full copies of them (a sharded site's rank 0
+# assembles those, clients/site.py).
+LocalParams = torch.nn.Module | Mapping[str, torch.Tensor]
+
+
+def _named(params: LocalParams) -> Mapping[str, torch.Tensor]:
+    return dict(params.named_parameters()) if isinstance(params, torch.nn.Module) else params
+
+
+def parameter_names(keys: list[str]) -> list[str]:
+    """The parameters a fragment's keys lie in (a key may be some rows of one), in order."""
+    return list(dict.fromkeys(parse_key(key)[0] for key in keys))
 
 
 class Fragment:
@@ -32,21 +45,21 @@ class Fragment:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: tuple(t.shape) for n, t in self.outer.params.items()}
 
-    def local_params(self, model: torch.nn.Module) -> Tensors:
-        return {k: t.detach().float().cpu() for k, t in select(dict(model.named_parameters()), self.keys).items()}
+    def local_params(self, model: LocalParams) -> Tensors:
+        return {k: t.detach().float().cpu() for k, t in select(_named(model), self.keys).items()}
 
-    def outer_gradient(self, model: torch.nn.Module) -> Tensors:
+    def outer_gradient(self, model: LocalParams) -> Tensors:
         """Δ_{m,p} = θ_p − θ_{m,p,local}: start minus end of the fragment's local progress."""
         return outer_gradient(self.outer.params, self.local_params(model))
 
     @torch.no_grad()
-    def apply(self, update: Mapping[str, torch.Tensor], model: torch.nn.Module, mixing: float = 0.0) -> None:
+    def apply(self, update: Mapping[str, torch.Tensor], model: LocalParams, mixing: float = 0.0) -> None:
         """θ_p ← Outer_p(θ_p, update), then merge the local copy: local ← α·local + (1 − α)·θ_p.
 
         α = 0 (every variant's default) restarts the local copy from θ_p.
         """
         self.outer.step(update)
-        for key, local in select(dict(model.named_parameters()), self.keys).items():
+        for key, local in select(_named(model), self.keys).items():
             target = self.outer.params[key].to(local.device, local.dtype)
             if mixing == 0.0:
                 local.copy_(target)

@@ -23,9 +23,14 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 
 from fl_diloco.atomic import atomic_write
 from fl_diloco.config import RunConfig, resolve_precision
@@ -33,6 +38,9 @@ from fl_diloco.data import BatchStream
 from fl_diloco.flops import device_peak_flops, model_flops_per_token
 from fl_diloco.model import Transformer, load_parameters
 from strategies.outer_optimizer import Tensors, outer_gradient
+
+if TYPE_CHECKING:
+    from clients.site import SiteGroup
 
 
 def inner_lr_at(step: int, cfg: RunConfig) -> float:
@@ -109,9 +117,11 @@ class PhaseResult:
 class InnerTrainer:
     """A model, its AdamW state and its data stream, advanced H steps at a time."""
 
-    def __init__(self, model: Transformer, stream: BatchStream, cfg: RunConfig, device: str):
+    def __init__(self, model: Transformer, stream: BatchStream, cfg: RunConfig, device: str,
+                 site: SiteGroup | None = None):
         self.model = model.to(device)
         self.stream = stream
+        self.site = site  # one rank of a site's group (clients/site.py), or None when alone
         self.cfg = cfg
         self.device = device
         self.on_cuda = device.startswith("cuda")
@@ -125,7 +135,15 @@ class InnerTrainer:
         self.micro_batches = stream.batch_size // micro_batch_size
         # The compiled module shares `model`'s parameters, so outer updates written into them
         # reach it without a recompilation; everything else reads `model` itself.
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        replicated = self.model
+        if site is not None and site.sharded:  # FSDP2: parameters, gradients, AdamW state sliced
+            for block in self.model.blocks:
+                fully_shard(block)
+            fully_shard(self.model)
+        elif site is not None:  # gradients all-reduced (mean) across the site's ranks
+            on_gpu = [torch.device(device).index] if self.on_cuda else None
+            replicated = DistributedDataParallel(self.model, device_ids=on_gpu)
+        self.forward = torch.compile(replicated) if cfg.compile else replicated
         self.optimizer = make_inner_optimizer(self.model, cfg)
         self.step = 0  # inner steps taken so far in the whole run
         self.flops_per_token = model_flops_per_token(model.cfg, cfg.seq_len)
@@ -147,7 +165,12 @@ class InnerTrainer:
     def save_optimizer(self, path: Path) -> None:
         """The AdamW moments at the current step, written atomically (for an exact resume)."""
         buffer = io.BytesIO()
-        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict()}, buffer)
+        state = self.optimizer.state_dict()
+        # fsdp: this rank's slice, as plain tensors (the dicts are the optimizer's own: copy)
+        state["state"] = {index: {k: v.to_local() if isinstance(v, DTensor) else v
+                                  for k, v in moments.items()}
+                          for index, moments in state["state"].items()}
+        torch.save({"step": self.step, "optimizer": state}, buffer)
         atomic_write(path, lambda fh: fh.write(buffer.getvalue()))
 
     def load_optimizer(self, path: Path) -> None:
@@ -155,6 +178,14 @@ class InnerTrainer:
         saved = torch.load(path, map_location=self.device, weights_only=True)
         if saved["step"] != self.step:
             raise ValueError(f"{path} holds the optimizer at inner step {saved['step']}, not {self.step}")
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        for index, moments in saved["optimizer"]["state"].items():
+            param = params[index]
+            if isinstance(param, DTensor):  # fsdp: this rank's slice back into the sharded layout
+                moments.update({k: DTensor.from_local(v, param.device_mesh, param.placements,
+                                                      shape=param.shape, stride=param.stride())
+                                for k, v in moments.items() if v.shape == param.to_local().shape
+                                and v.dim()})
         self.optimizer.load_state_dict(saved["optimizer"])
 
     def train_step(self) -> torch.Tensor:
@@ -170,6 +201,9 @@ class InnerTrainer:
         clip_and_step(self.model, self.optimizer, inner_lr_at(self.step, self.cfg),
                       self.cfg.grad_clip)
         self.step += 1
+        if self.site is not None:  # the site's loss: the mean over every rank's rows
+            dist.all_reduce(loss)
+            loss = loss / self.site.ranks
         return loss
 
     def _to_device(self, batch: torch.Tensor) -> torch.Tensor:

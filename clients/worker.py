@@ -33,15 +33,18 @@ import shutil
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from clients.fragment import Fragment
+from clients.fragment import Fragment, LocalParams, parameter_names
 from clients.inner_loop import InnerTrainer, mean_loss
 from clients.progress import ProgressPublisher
+from clients.site import (GATHER_FRAGMENT, LOAD_OPTIMIZER, LOAD_STATE, NOOP, SAVE_OPTIMIZER, SET_FRAGMENT,
+                          STEP, RankSlice, SiteGroup, rank_device, start_site)
 from fl_diloco.config import RunConfig, resolve_device
 from fl_diloco.data import BatchStream, Corpus, load_corpus
 from fl_diloco.flops import mfu
@@ -53,37 +56,62 @@ from strategies.outer_optimizer import Tensors, eager_outer_gradient, zeros_like
 
 
 def worker_threads(cfg: RunConfig) -> int:
-    """Torch threads per worker: the machine's cores shared among the co-located workers."""
+    """Torch threads per worker (per rank of a site): the machine's cores shared among the
+    co-located workers' ranks."""
     if cfg.threads_per_worker:
         return cfg.threads_per_worker
-    return max(1, (os.cpu_count() or 1) // cfg.num_clients)
+    return max(1, (os.cpu_count() or 1) // (cfg.num_clients * cfg.ranks_per_worker))
 
 
-def optimizer_state_dir(cfg: RunConfig, partition_id: int) -> Path:
+def optimizer_state_dir(cfg: RunConfig, partition_id: int, rank: int = 0) -> Path:
     """Where a node keeps its worker's AdamW moments at checkpoint rounds, so that a resumed
-    run continues exactly: node-local (never sent), keyed by the run's out_dir and partition."""
+    run continues exactly: node-local (never sent), keyed by the run's out_dir and partition.
+    Under fsdp each rank of the site keeps its own slice of them (rank r > 0 in `rank-r/`)."""
     root = Path(os.environ.get("FL_DILOCO_CACHE") or "~/.cache/fl-diloco").expanduser()
     run_key = hashlib.sha256(cfg.out_dir.encode()).hexdigest()[:16]
-    return root / "worker-state" / run_key / f"partition-{partition_id}"
+    directory = root / "worker-state" / run_key / f"partition-{partition_id}"
+    return directory / f"rank-{rank}" if rank else directory
 
 
 def _optimizer_file(directory: Path, server_round: int) -> Path:
     return directory / f"round-{server_round:06d}.pt"
 
 
+def saved_optimizer(cfg: RunConfig, partition_id: int, server_round: int, rank: int = 0) -> Path:
+    """The node's save of its worker's AdamW moments at `server_round`."""
+    return _optimizer_file(optimizer_state_dir(cfg, partition_id, rank), server_round)
+
+
+def save_optimizer(trainer: InnerTrainer, cfg: RunConfig, partition_id: int, server_round: int,
+                   rank: int = 0) -> None:
+    """Save the AdamW moments of a checkpoint round; drop the older saves."""
+    directory = optimizer_state_dir(cfg, partition_id, rank)
+    directory.mkdir(parents=True, exist_ok=True)
+    trainer.save_optimizer(_optimizer_file(directory, server_round))
+    # One more than the server keeps: the server may die before writing this round's.
+    saved = sorted(directory.glob("round-*.pt"))
+    for old in saved[:-(cfg.keep_checkpoints + 1)]:
+        old.unlink(missing_ok=True)
+
+
 def worker_stream(cfg: RunConfig, corpus: Corpus, partition_id: int, num_partitions: int) -> BatchStream:
-    """Worker `partition_id`'s batches: its own shard, walked in its own reproducible order."""
-    return BatchStream(corpus.train_sequences(partition_id, num_partitions), cfg.batch_size,
-                       seed=cfg.seed * 1000 + partition_id)
+    """Worker `partition_id`'s batches: its own shard, walked in its own reproducible order
+    (the whole site's batches: batch_size sequences for each of its ranks)."""
+    return BatchStream(corpus.train_sequences(partition_id, num_partitions),
+                       cfg.batch_size * cfg.ranks_per_worker, seed=cfg.seed * 1000 + partition_id)
 
 
-def build_trainer(cfg: RunConfig, partition_id: int, num_partitions: int, device: str) -> InnerTrainer:
-    """The worker's resident state: its shard's stream, the model and the inner optimizer."""
+def build_trainer(cfg: RunConfig, partition_id: int, num_partitions: int, device: str,
+                  site: SiteGroup | None = None) -> InnerTrainer:
+    """The worker's resident state: its shard's stream, the model and the inner optimizer
+    (one rank's share of them when `site` is given)."""
     corpus = load_corpus(cfg.data_config())
     stream = worker_stream(cfg, corpus, partition_id, num_partitions)
+    if site is not None:
+        stream = RankSlice(stream, site.rank, site.ranks)
     torch.manual_seed(cfg.seed)
     model = Transformer(model_config(cfg.model_preset, vocab_size=corpus.vocab_size, seq_len=cfg.seq_len))
-    return InnerTrainer(model, stream, cfg, device)
+    return InnerTrainer(model, stream, cfg, device, site)
 
 
 class WorkerStopped(RuntimeError):
@@ -118,6 +146,10 @@ class Worker:
         self._generation = 0  # bumped to end the running inner loop (a restart from new state)
         self._inner_loop: threading.Thread | None = None
         self._progress: ProgressPublisher | None = None
+        self.site: SiteGroup | None = None  # ranks_per_worker > 1: this is rank 0 of the group
+        # Called when the site's group breaks: the worker process ends itself, so that the
+        # next message starts a fresh group (clients/worker_process.py).
+        self.on_site_failure: Callable[[str], None] | None = None
 
     # ----- requests from the ClientApp adapter (any thread) -----
 
@@ -134,6 +166,7 @@ class Worker:
                 return self.train(request)
             if kind == "shutdown":  # the run is over: nothing will resume it
                 self.stop()
+                self.close_site()
                 if self.cfg is not None:
                     shutil.rmtree(optimizer_state_dir(self.cfg, self.partition[0]), ignore_errors=True)
                 return {"ok": True}
@@ -171,13 +204,26 @@ class Worker:
                     torch.set_num_threads(worker_threads(cfg))
                 # A node elsewhere has its own memory: refuse with the numbers, not by OOM.
                 check_memory(cfg.replace(device=device), workers_here=1, server_here=False)
-                self.trainer, self.cfg, self.partition = build_trainer(cfg, *partition, device), cfg, partition
+                if cfg.ranks_per_worker > 1:
+                    self.site = start_site(cfg, partition, device)
+                    device = rank_device(device, 0)
+                try:
+                    self.trainer = build_trainer(cfg, *partition, device, self.site)
+                except Exception:
+                    if self.site is not None:  # a later prepare starts a fresh group
+                        self.site.abort()
+                        self.site = None
+                    raise
+                if self.site is not None and self.on_site_failure is not None:
+                    self.site.watch(self.on_site_failure)
+                self.cfg, self.partition = cfg, partition
                 self._progress = ProgressPublisher(optimizer_state_dir(cfg, partition[0]))
             cfg, trainer = self.cfg, self.trainer
             initial = request["params"]
-            trainer.load_parameters(initial)
-            names = fragment_names({n: p.shape for n, p in trainer.model.named_parameters()},
-                                   cfg.num_fragments, cfg.fragment_pattern)
+            shapes = {n: p.shape for n, p in trainer.model.named_parameters()}  # fsdp: the full shapes
+            if self.site is None or not self.site.sharded:
+                trainer.load_parameters(initial)
+            names = fragment_names(shapes, cfg.num_fragments, cfg.fragment_pattern)
             self.fragments = [Fragment(p, group, initial, cfg.outer_lr, cfg.outer_momentum)
                               for p, group in enumerate(names)]
             self.start_round = start_round
@@ -185,8 +231,12 @@ class Worker:
             self._replies.clear()
             self._failure = None
             trainer.start_at(start_round * cfg.sync_interval)
+            if self.site is not None:
+                self.site.command(LOAD_STATE, trainer.step)
+                self.site.set_parameters(trainer.model, list(shapes),
+                                         {n: torch.as_tensor(initial[n]) for n in shapes})
             if not start_round:  # a new run: moments saved under its out_dir are an older run's
-                for saved in optimizer_state_dir(cfg, partition[0]).glob("round-*.pt"):
+                for saved in optimizer_state_dir(cfg, partition[0]).glob("**/round-*.pt"):
                     saved.unlink(missing_ok=True)
             else:
                 self._restore_optimizer(start_round)
@@ -205,10 +255,13 @@ class Worker:
     def _restore_optimizer(self, start_round: int) -> None:
         """AdamW moments saved at `start_round` by this node's worker of the run, if any;
         otherwise the worker keeps the ones it has (fresh ones in a new process)."""
-        saved = _optimizer_file(optimizer_state_dir(self.cfg, self.partition[0]), start_round)
-        if saved.is_file():
+        saved = saved_optimizer(self.cfg, self.partition[0], start_round)
+        ranks = range(self.site.ranks if self.site is not None and self.site.sharded else 1)
+        if all(saved_optimizer(self.cfg, self.partition[0], start_round, r).is_file() for r in ranks):
             try:
                 self.trainer.load_optimizer(saved)
+                if self.site is not None:  # ddp: rank 0's moments; fsdp: each rank's own slice
+                    self.site.command(LOAD_OPTIMIZER, start_round)
                 print(f"restored the AdamW moments of round {start_round} from {saved}", flush=True)
                 return
             except Exception as err:  # noqa: BLE001 - a damaged file only costs the moments
@@ -219,13 +272,9 @@ class Worker:
         cfg = self.cfg
         if not cfg.checkpoint_due(server_round):
             return
-        directory = optimizer_state_dir(cfg, self.partition[0])
-        directory.mkdir(parents=True, exist_ok=True)
-        self.trainer.save_optimizer(_optimizer_file(directory, server_round))
-        # One more than the server keeps: the server may die before writing this round's.
-        saved = sorted(directory.glob("round-*.pt"))
-        for old in saved[:-(cfg.keep_checkpoints + 1)]:
-            old.unlink(missing_ok=True)
+        if self.site is not None and self.site.sharded:  # ddp: rank 0's moments are everyone's
+            self.site.command(SAVE_OPTIMIZER, server_round)
+        save_optimizer(self.trainer, cfg, self.partition[0], server_round)
 
     def train(self, request: dict[str, Any]) -> dict[str, Any]:
         """Deliver the average this round's message carries; return Δ(r) once it exists."""
@@ -264,6 +313,15 @@ class Worker:
             self._stopping = True
             self._state.notify_all()
 
+    def close_site(self) -> None:
+        """End the site's other ranks once the inner loop has stopped using the group."""
+        if self.site is None:
+            return
+        if self._inner_loop is not None:
+            self._inner_loop.join(timeout=60)
+        self.site.close()
+        self.site = None
+
     # ----- the inner loop (its own thread) -----
 
     def _run_guarded(self, generation: int) -> None:
@@ -275,6 +333,8 @@ class Worker:
             with self._state:
                 self._failure = traceback.format_exc()
                 self._state.notify_all()
+            if self.site is not None and self.on_site_failure is not None:
+                self.on_site_failure(f"the inner loop failed:\n{self._failure}")
 
     def _run(self, generation: int) -> None:
         cfg, trainer = self.cfg, self.trainer
@@ -287,6 +347,8 @@ class Worker:
             if self._stopping or self._generation != generation:
                 raise WorkerStopped()
             began = time.perf_counter()
+            if self.site is not None:
+                self.site.command(STEP)
             meter.losses.append(trainer.train_step())
             meter.compute_seconds += time.perf_counter() - began
             self._progress.publish(step)
@@ -298,6 +360,7 @@ class Worker:
                 self._save_optimizer(server_round)
                 meter = _RoundMeter()
                 if step == last_step:
+                    self._keep_site_until_stopped(generation)
                     break  # nothing applied after the last sync would ever be used
                 if cfg.staleness == 0:
                     due.setdefault(step + cfg.overlap_steps, []).append(server_round)
@@ -311,14 +374,44 @@ class Worker:
                     if not counted or stale_own is None:
                         stale_own = zeros_like(sent)  # never added to the average: nothing to take out
                     fragment.sent[server_round] = sent
-                    fragment.apply(eager_outer_gradient(stale_average, sent, stale_own,
-                                                        self._eager_weight(participants)),
-                                   trainer.model)
+                    self._apply(fragment, eager_outer_gradient(stale_average, sent, stale_own,
+                                                               self._eager_weight(participants)))
 
             for server_round in due.pop(step, []):
                 fragment = self.fragments[round_fragment(server_round, num_fragments)]
                 average, _, _ = self._wait_for_average(server_round, fragment, meter, generation)
-                fragment.apply(average, trainer.model, cfg.mixing)
+                self._apply(fragment, average, cfg.mixing)
+
+    def _local_params(self, fragment: Fragment) -> LocalParams:
+        """The fragment's local parameters: the model's own, or under fsdp full copies that
+        rank 0 assembles from the site's slices."""
+        if self.site is None or not self.site.sharded:
+            return self.trainer.model
+        self.site.command(GATHER_FRAGMENT, fragment.index)
+        return self.site.gather_parameters(self.trainer.model, parameter_names(fragment.keys))
+
+    def _apply(self, fragment: Fragment, update: Tensors, mixing: float = 0.0) -> None:
+        """The outer step on `fragment`, then every rank of the site takes its result."""
+        if self.site is None:
+            fragment.apply(update, self.trainer.model, mixing)
+            return
+        # fsdp: into full copies of the fragment's parameters (with the rows of them that are
+        # not the fragment's, when a key is a row range), which the ranks then take slices of.
+        local = self._local_params(fragment)
+        fragment.apply(update, local, mixing)
+        self.site.command(SET_FRAGMENT, fragment.index)
+        self.site.set_parameters(self.trainer.model, parameter_names(fragment.keys),
+                                 local if self.site.sharded else None)
+
+    def _keep_site_until_stopped(self, generation: int) -> None:
+        """The other ranks wait in a collective for rank 0's next command: keep it alive
+        (with a heartbeat a second) until the run shuts the worker down or restarts it."""
+        if self.site is None:
+            return
+        with self._state:
+            while not (self._stopping or self._generation != generation):
+                if not self._state.wait(timeout=1.0):
+                    self.site.command(NOOP)
 
     def _eager_weight(self, participants: int) -> float:
         """1/M for eager (0 for delayed), M = the participants of the latest average: this
@@ -338,8 +431,9 @@ class Worker:
         """Post round r's reply; returns the encoded outer gradient it carries."""
         cfg, trainer = self.cfg, self.trainer
         self._finish_queued_steps(meter)
-        wire = encode_tensors(fragment.outer_gradient(trainer.model), cfg.wire_precision)
-        tokens = len(meter.losses) * trainer.stream.batch_size * cfg.seq_len
+        wire = encode_tensors(fragment.outer_gradient(self._local_params(fragment)), cfg.wire_precision)
+        ranks = cfg.ranks_per_worker
+        tokens = len(meter.losses) * trainer.stream.batch_size * ranks * cfg.seq_len
         tokens_per_second = tokens / meter.compute_seconds
         metrics = {
             "train_loss": mean_loss(torch.stack(meter.losses)),
@@ -351,7 +445,7 @@ class Worker:
             "tokens_per_second": tokens_per_second,
         }
         if trainer.peak_flops.flops:  # Flower's metrics carry numbers only, never None
-            metrics["mfu"] = mfu(tokens_per_second, trainer.flops_per_token, trainer.peak_flops.flops)
+            metrics["mfu"] = mfu(tokens_per_second, trainer.flops_per_token, trainer.peak_flops.flops * ranks)
         reply = {"outer_gradient": wire, "metrics": metrics}
         with self._state:
             self._replies[server_round] = reply
@@ -373,7 +467,8 @@ class Worker:
             while server_round not in self._averages:
                 if self._stopping or self._generation != generation:
                     raise WorkerStopped()
-                self._state.wait(timeout=1.0)
+                if not self._state.wait(timeout=1.0) and self.site is not None:
+                    self.site.command(NOOP)  # the other ranks wait in a collective: keep it alive
             average = self._averages.pop(server_round)
         meter.idle_seconds += time.perf_counter() - began
         return average

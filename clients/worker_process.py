@@ -55,8 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     counter = threading.Lock()
     another_run = threading.Event()  # set once another run has started a worker here
 
+    worker = Worker()
+
     def stop(reason: str, clean: bool = False) -> None:
         print(f"worker {os.getpid()} exiting: {reason}", flush=True)
+        if worker.site is not None:  # never leave the site's other ranks behind
+            worker.site.kill()
         # A clean end removes the directory; otherwise its log stays for a post-mortem.
         if clean:
             shutil.rmtree(args.dir, ignore_errors=True)
@@ -76,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
                 stop(f"another run started on this machine and this one sent nothing for "
                      f"{args.yield_after:.0f}s: its server is gone")
 
-    worker = Worker()
+    # A broken site group (a rank died, a collective timed out) ends this process like a
+    # crash: the node's next message starts a fresh worker, which resyncs from the server.
+    worker.on_site_failure = lambda reason: stop(f"the site's group broke: {reason}")
 
     def serve(conn) -> None:
         # One thread per request: a round's request waits for the inner loop, while the next

@@ -29,6 +29,8 @@ COMPUTE_PRECISIONS = ("auto", "bf16", "fp32")
 # to do with bytes that are not UTF-8 (Python's `errors=` names).
 DOCUMENT_UNITS = ("file", "paragraph")
 ENCODING_ERRORS = ("strict", "replace")
+# How a site's ranks split the work (clients/site.py): replicas, or FSDP2 shards.
+PARALLELISMS = ("ddp", "fsdp")
 # worker_idle_timeout=0: a worker exits after this many round timeouts without a request.
 IDLE_ROUND_TIMEOUTS = 3
 
@@ -123,6 +125,10 @@ class RunConfig:
     threads_per_worker: int = 0  # 0 = share the machine's cores among the workers
     # The server's evaluation and aggregation (0 = the cores the workers leave free, at least 1).
     server_threads: int = 0
+    # A site (one Flower node) trains on this many processes, one torch.distributed group
+    # (clients/site.py); each takes batch_size sequences of the site's batch per inner step.
+    ranks_per_worker: int = 1
+    parallelism: str = "ddp"  # how the site's ranks split the work (PARALLELISMS)
     round_timeout: float = 600.0
     # Seconds every worker has to start (load its corpus, build its model) and confirm θ(0).
     startup_timeout: float = 1800.0
@@ -174,6 +180,8 @@ class RunConfig:
         _choice("precision", self.precision, COMPUTE_PRECISIONS)
         _choice("document_unit", self.document_unit, DOCUMENT_UNITS)
         _choice("encoding_errors", self.encoding_errors, ENCODING_ERRORS)
+        _choice("parallelism", self.parallelism, PARALLELISMS)
+        _at_least("ranks_per_worker", self.ranks_per_worker, 1)
         from fl_diloco.model import PRESETS  # local import: keeps config importable alone
 
         if self.model not in PRESETS and self.model not in MODEL_ALIASES:
@@ -437,6 +445,12 @@ def key_help() -> dict[str, tuple[str, str]]:
                            "the cores num_clients workers leave free on the server's machine, at "
                            "least 1: right when they share it; a coordinating site of its own "
                            "sets its cores)", ">= 0"),
+        "ranks_per_worker": ("processes (one per GPU) that train one site's worker as a "
+                             "torch.distributed group; the site's batch is ranks_per_worker × "
+                             "batch_size sequences", ">= 1"),
+        "parallelism": ("how a site's ranks split the model: ddp replicates it and all-reduces "
+                        "gradients; fsdp (FSDP2) shards parameters, gradients and AdamW state",
+                        one_of(PARALLELISMS)),
         "round_timeout": ("seconds a round waits for replies after the previous one closed; "
                           "then it closes with the replies it has", "> 0"),
         "startup_timeout": ("seconds the workers have to start (load the corpus, build the model) "

@@ -14,6 +14,11 @@ a vocabulary of V and t = micro_batch_size × seq_len tokens per forward/backwar
     outer state      8·N                 θ and the Nesterov buffer, always in host memory
     CUDA context     1 GiB               on a GPU: the context and the allocator's slack
 
+A site of R ranks (ranks_per_worker, clients/site.py) needs the training state, activations and
+context once per rank (each on its own device; all in host memory on a CPU) and the outer state
+once, on rank 0. Under fsdp each rank holds 1/R of the training state (FSDP2 also gathers one
+block's weights at a time for its forward and backward: not counted, a block is small).
+
 The activation constants are the largest that `bench/worker_memory.py`'s way of counting (the
 bytes autograd saves, with saved-tensor hooks) measured on the tiny-1m, 35m and 100m presets,
 rounded up (a per block and token: 57-61 under bf16, 87-93 in fp32, highest for the narrowest
@@ -52,18 +57,19 @@ class WorkerMemory:
 
 
 def worker_memory(n_params: int, n_layers: int, d_model: int, vocab_size: int, micro_tokens: int,
-                  precision: str, on_cuda: bool) -> WorkerMemory:
+                  precision: str, on_cuda: bool, ranks: int = 1, sharded: bool = False) -> WorkerMemory:
     """The estimate of the module docstring for one worker training `micro_tokens` tokens per
-    forward/backward in `precision` ("bf16" or "fp32")."""
+    forward/backward in `precision` ("bf16" or "fp32"), on `ranks` processes (`sharded`: fsdp);
+    `device` is per rank."""
     autocast_copy = AUTOCAST_COPY_BYTES_PER_PARAM if precision == "bf16" else 0
-    state = (TRAINING_STATE_BYTES_PER_PARAM + autocast_copy) * n_params
+    state = (TRAINING_STATE_BYTES_PER_PARAM + autocast_copy) * n_params / (ranks if sharded else 1)
     per_token = (ACTIVATION_BYTES_PER_BLOCK_TOKEN[precision] * d_model * n_layers
                  + (ACTIVATION_BYTES_OUTSIDE_BLOCKS + LOSS_BACKWARD_BYTES_PER_LOGIT[precision]) * vocab_size)
     training = state + micro_tokens * per_token
     outer = OUTER_STATE_BYTES_PER_PARAM * n_params
     if on_cuda:
         return WorkerMemory(device=training + CUDA_CONTEXT_BYTES, host=outer)
-    return WorkerMemory(device=0.0, host=training + outer)
+    return WorkerMemory(device=0.0, host=ranks * training + outer)
 
 
 def run_worker_memory(cfg: RunConfig) -> tuple[WorkerMemory, int]:
@@ -75,7 +81,8 @@ def run_worker_memory(cfg: RunConfig) -> tuple[WorkerMemory, int]:
     n_params = count_parameters(model)
     micro_tokens = (cfg.micro_batch_size or cfg.batch_size) * cfg.seq_len
     need = worker_memory(n_params, model.n_layers, model.d_model, model.vocab_size, micro_tokens,
-                         resolve_precision(cfg.precision, device), device.startswith("cuda"))
+                         resolve_precision(cfg.precision, device), device.startswith("cuda"),
+                         cfg.ranks_per_worker, cfg.parallelism == "fsdp")
     return need, n_params
 
 

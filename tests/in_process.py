@@ -4,18 +4,48 @@ It follows the server's protocol exactly (prepare with θ(0), then round by roun
 strategy's message, the worker's reply, aggregation) and builds requests and replies with the
 ClientApp adapter's own functions, so tests can check the algorithms through `DiLoCo` and
 `Worker` in seconds. tests/test_reference.py also runs real Flower.
+
+A config with ranks_per_worker > 1 needs each worker in a process of its own (rank 0 of its
+site's torch.distributed group): those workers are real worker processes, driven through the
+private channel exactly as the ClientApp adapter drives them.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
+from typing import Any
+
 from flwr.app import Message
 from flwr.supercore.task_identity import TaskIdentity
 
+from clients.channel import WorkerError, WorkerHandle
 from clients.worker import Worker, build_trainer
 from fl_diloco.client_app import train_reply_content, train_request_fields
 from fl_diloco.config import RunConfig
 from strategies.diloco import PARAMS_KEY, DiLoCo
 from strategies.wire import from_array_record
+
+
+_node_ids = itertools.count(os.getpid() * 1000)
+
+
+class ProcessWorker:
+    """A worker process started and called like the adapter does, with `Worker`'s interface."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.handle_ = WorkerHandle(run_id=1, node_id=next(_node_ids))
+        self.handle_.ensure_running(watch_pid=os.getpid(), idle_timeout=cfg.worker_idle_seconds)
+        self.timeout = cfg.round_timeout
+
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self.handle_.call(request, timeout=self.timeout)
+        except WorkerError as err:
+            return {"error": str(err)}
+
+    def stop(self) -> None:
+        self.handle({"kind": "shutdown"})
 
 
 def run_in_process(cfg: RunConfig, rounds: int | None = None,
@@ -29,7 +59,7 @@ def run_in_process(cfg: RunConfig, rounds: int | None = None,
     initial = build_trainer(cfg, 0, cfg.num_clients, "cpu").parameters_fp32()
     node_ids = list(range(100, 100 + cfg.num_clients))
     strategy = DiLoCo.from_config(cfg, initial, node_ids)
-    workers = [Worker() for _ in node_ids]
+    workers = [Worker() if cfg.ranks_per_worker == 1 else ProcessWorker(cfg) for _ in node_ids]
     common = {"run_config": (worker_cfg or cfg).to_dict(), "num_partitions": cfg.num_clients, "device": "cpu"}
     theta0 = from_array_record(strategy.worker_state()[PARAMS_KEY])
     for partition, worker in enumerate(workers):
@@ -47,5 +77,6 @@ def run_in_process(cfg: RunConfig, rounds: int | None = None,
     finally:
         for worker in workers:  # let each inner loop finish what it was applying, then end
             worker.stop()
-            worker._inner_loop.join(timeout=60)
+            if isinstance(worker, Worker):
+                worker._inner_loop.join(timeout=60)
     return strategy, workers

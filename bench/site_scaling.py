@@ -11,7 +11,8 @@ builds each rank's InnerTrainer exactly as the worker does, and measures:
               all-reduce included, the outer step (once every H steps) not
   memory      per rank, after a few steps of `--memory-model` under ddp and under fsdp: the
               bytes of the rank's parameters and AdamW moments (exact, from its tensors: fsdp
-              should hold about 1/R of ddp's), and its peak memory (CUDA: max allocated;
+              should hold about 1/R of ddp's), of its outer state (θ and the Nesterov buffer:
+              under fsdp its 1/R, under ddp all on rank 0), and its peak memory (CUDA: max allocated;
               CPU: peak resident set, which also counts the interpreter and libraries)
 
 On a CPU each rank gets `--threads-per-rank` threads (default 1, a core as a stand-in for a
@@ -46,9 +47,11 @@ import torch.multiprocessing  # noqa: E402
 
 from bench.inner_loop_throughput import random_stream  # noqa: E402
 from clients.inner_loop import InnerTrainer  # noqa: E402
-from clients.site import LOOPBACK, RankSlice, SiteGroup, _backend, rank_device  # noqa: E402
+from clients.fragment import Fragment  # noqa: E402
+from clients.site import LOOPBACK, RankSlice, ShardLayout, SiteGroup, _backend, rank_device  # noqa: E402
 from fl_diloco.config import MODEL_ALIASES, RunConfig, resolve_device  # noqa: E402
 from fl_diloco.model import PRESETS, Transformer, model_config  # noqa: E402
+from strategies.fragments import fragment_names  # noqa: E402
 
 MIB = 2**20
 REPETITIONS = 5  # of the timed steps; the median counts (a shared machine is noisy)
@@ -84,6 +87,25 @@ def _local_bytes(tensors) -> int:
     return sum((t.to_local() if hasattr(t, "to_local") else t).nbytes for t in tensors)
 
 
+def _outer_state_bytes(cfg: RunConfig, model: torch.nn.Module, site: SiteGroup | None) -> int:
+    """θ_p and the Nesterov buffer of every fragment as this rank holds them, built as the worker
+    builds them: under fsdp its slices, under ddp all of them on rank 0 and none elsewhere."""
+    if site is not None and site.rank and not site.sharded:
+        return 0
+    shapes = {name: param.shape for name, param in model.named_parameters()}  # fsdp: the full shapes
+    fragment_keys = fragment_names(shapes, cfg.num_fragments, cfg.fragment_pattern)
+    if site is not None and site.sharded:
+        fragment_keys = [list(ShardLayout(keys, shapes, site.rank, site.ranks).local_keys.values())
+                         for keys in fragment_keys]
+        params = site.local_parameters(model)
+    else:
+        params = dict(model.named_parameters())
+    fragments = [Fragment(p, keys, params, cfg.outer_lr, cfg.outer_momentum)
+                 for p, keys in enumerate(fragment_keys)]
+    return sum(t.nbytes for f in fragments
+               for t in (*f.outer.params.values(), *f.outer.momentum_buffer.values()))
+
+
 def _measure(cfg: RunConfig, device: str, site: SiteGroup | None, steps: int, warmup: int) -> dict:
     """Build one rank's trainer as the worker does, time `steps` inner steps, read its memory."""
     ranks = cfg.ranks_per_worker
@@ -114,6 +136,7 @@ def _measure(cfg: RunConfig, device: str, site: SiteGroup | None, steps: int, wa
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"tokens_per_second": statistics.median(rates),
             "param_and_adamw_mib": (_local_bytes(trainer.model.parameters()) + _local_bytes(moments)) / MIB,
+            "outer_state_mib": _outer_state_bytes(cfg, trainer.model, site) / MIB,
             "peak_mib": peak / MIB}
 
 
@@ -128,7 +151,8 @@ def _rank(rank: int, port: int, cfg_dict: dict, device: str, steps: int, warmup:
     store = dist.TCPStore(LOOPBACK, port, ranks, is_master=False, timeout=timeout)
     dist.init_process_group(_backend(device, ranks), store=store, rank=rank, world_size=ranks,
                             timeout=timeout)
-    measured = _measure(cfg, device, SiteGroup(rank, ranks, cfg.parallelism == "fsdp"), steps, warmup)
+    site = SiteGroup(rank, ranks, device, cfg.parallelism == "fsdp")
+    measured = _measure(cfg, device, site, steps, warmup)
     results.put({"rank": rank, "device": device, **measured})
     dist.destroy_process_group()
 
@@ -177,7 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
                                           for k, v in r.items() if k != "tokens_per_second"} for r in site]
         for r in site:
             print(f"{args.memory_model} {parallelism} rank {r['rank']}: parameters + AdamW "
-                  f"{r['param_and_adamw_mib']:,.1f} MiB, peak {r['peak_mib']:,.1f} MiB", flush=True)
+                  f"{r['param_and_adamw_mib']:,.1f} MiB, outer state {r['outer_state_mib']:,.1f} MiB, "
+                  f"peak {r['peak_mib']:,.1f} MiB", flush=True)
     ddp, fsdp = (sum(r["param_and_adamw_mib"] for r in result["memory"][p]) / args.ranks
                  for p in ("ddp", "fsdp"))
     result["memory"]["fsdp_over_ddp_state_per_rank"] = round(fsdp / ddp, 3)

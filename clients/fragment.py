@@ -1,6 +1,7 @@
 """One fragment of a worker's model and the outer state that belongs to it.
 
-A fragment (the whole model unless streaming) owns, on the worker:
+A fragment (the whole model unless streaming) owns, on the worker (under fsdp: on every rank of
+the site, for the rows of its parameters that rank holds, clients/site.py):
   - its outer parameters θ_p and their Nesterov buffer: the worker's replica of the global
     ones for `diloco` and `delayed` (all workers keep identical replicas, because they apply
     the identical quantized averages the server applies), its OWN θ_{m,p} for `eager`;
@@ -15,10 +16,10 @@ from collections.abc import Mapping
 import torch
 
 from strategies.fragments import parse_key, select
-from strategies.outer_optimizer import OuterOptimizer, Tensors, outer_gradient
+from strategies.outer_optimizer import (OuterOptimizer, Tensors, eager_outer_gradient, outer_gradient,
+                                        zeros_like)
 
-# The local parameters: the model's own, or named full copies of them (a sharded site's rank 0
-# assembles those, clients/site.py).
+# The local parameters: the model's own, or named tensors (under fsdp a rank's slices of them).
 LocalParams = torch.nn.Module | Mapping[str, torch.Tensor]
 
 
@@ -67,3 +68,13 @@ class Fragment:
                 # Two products and a sum, as the formula reads: an in-place add_ with alpha may
                 # fuse into one multiply-add and round differently from one CPU to another.
                 local.copy_(mixing * local + (1.0 - mixing) * target)
+
+    def eager_step(self, server_round: int, stale_round: int, sent: Tensors, stale_average: Tensors,
+                   counted: bool, weight: float, model: LocalParams) -> None:
+        """The delayed/eager step at round r's sync: apply Δ̃(r) built from the stale average
+        Δ(k), k = r − d·P, and keep Δ_m(r) (as the server decoded it) to take out of Δ(r)."""
+        stale_own = self.sent.pop(stale_round, None)
+        if not counted or stale_own is None:
+            stale_own = zeros_like(sent)  # never added to the average: nothing to take out
+        self.sent[server_round] = sent
+        self.apply(eager_outer_gradient(stale_average, sent, stale_own, weight), model)

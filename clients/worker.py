@@ -40,11 +40,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from clients.fragment import Fragment, LocalParams, parameter_names
+from clients.fragment import Fragment, parameter_names
 from clients.inner_loop import InnerTrainer, mean_loss
 from clients.progress import ProgressPublisher
-from clients.site import (GATHER_FRAGMENT, LOAD_OPTIMIZER, LOAD_STATE, NOOP, SAVE_OPTIMIZER, SET_FRAGMENT,
-                          STEP, RankSlice, SiteGroup, rank_device, start_site)
+from clients.site import (EAGER_STEP, LOAD_OPTIMIZER, LOAD_STATE, NOOP, OUTER_STEP, SAVE_OPTIMIZER,
+                          SEND_DELTA, SET_FRAGMENT, STEP, RankSlice, ShardLayout, SiteGroup,
+                          load_sharded_state, rank_device, sharded_eager_step, sharded_outer_gradient,
+                          sharded_outer_step, start_site)
 from fl_diloco.config import RunConfig, resolve_device
 from fl_diloco.data import BatchStream, Corpus, load_corpus
 from fl_diloco.flops import mfu
@@ -52,7 +54,7 @@ from fl_diloco.memory import check_memory
 from fl_diloco.model import Transformer, model_config
 from strategies.codecs import decode_tensors, encode_tensors
 from strategies.fragments import fragment_names, round_fragment, stale_round
-from strategies.outer_optimizer import Tensors, eager_outer_gradient, zeros_like
+from strategies.outer_optimizer import Tensors
 
 
 def worker_threads(cfg: RunConfig) -> int:
@@ -61,6 +63,14 @@ def worker_threads(cfg: RunConfig) -> int:
     if cfg.threads_per_worker:
         return cfg.threads_per_worker
     return max(1, (os.cpu_count() or 1) // (cfg.num_clients * cfg.ranks_per_worker))
+
+
+def eager_weight(cfg: RunConfig, participants: int, num_partitions: int) -> float:
+    """1/M for eager (0 for delayed), M = the participants of the latest average: this
+    round's own count is not known until its average comes back."""
+    if cfg.algorithm != "eager":
+        return 0.0
+    return 1.0 / (participants or num_partitions)
 
 
 def optimizer_state_dir(cfg: RunConfig, partition_id: int, rank: int = 0) -> Path:
@@ -135,7 +145,8 @@ class Worker:
         self.trainer: InnerTrainer | None = None
         self.cfg: RunConfig | None = None
         self.partition: tuple[int, int] | None = None
-        self.fragments: list[Fragment] = []
+        self.fragments: list[Fragment] = []  # fsdp: rank 0's slices of them
+        self.layouts: list[ShardLayout] = []  # fsdp: where each fragment's rows lie across the ranks
         self.start_round = 0  # the last round that closed before this worker began training
         self._state = threading.Condition()
         # round → (average, whether our outer gradient was counted in it, its participants)
@@ -219,31 +230,34 @@ class Worker:
                 self.cfg, self.partition = cfg, partition
                 self._progress = ProgressPublisher(optimizer_state_dir(cfg, partition[0]))
             cfg, trainer = self.cfg, self.trainer
-            initial = request["params"]
+            initial, momentum = request["params"], request.get("momentum")
             shapes = {n: p.shape for n, p in trainer.model.named_parameters()}  # fsdp: the full shapes
-            if self.site is None or not self.site.sharded:
-                trainer.load_parameters(initial)
             names = fragment_names(shapes, cfg.num_fragments, cfg.fragment_pattern)
-            self.fragments = [Fragment(p, group, initial, cfg.outer_lr, cfg.outer_momentum)
-                              for p, group in enumerate(names)]
             self.start_round = start_round
             self._averages.clear()
             self._replies.clear()
             self._failure = None
             trainer.start_at(start_round * cfg.sync_interval)
             if self.site is not None:
-                self.site.command(LOAD_STATE, trainer.step)
-                self.site.set_parameters(trainer.model, list(shapes),
-                                         {n: torch.as_tensor(initial[n]) for n in shapes})
+                self.site.command(LOAD_STATE, trainer.step, bool(start_round))
+            if self.sharded:  # each rank takes its slice of θ and of the outer state
+                self.fragments, self.layouts = load_sharded_state(self.site, trainer.model, names, cfg,
+                                                                  initial, momentum, bool(start_round))
+            else:  # rank 0 keeps the outer state; a ddp site's ranks take its parameters
+                trainer.load_parameters(initial)
+                self.fragments = [Fragment(p, group, initial, cfg.outer_lr, cfg.outer_momentum)
+                                  for p, group in enumerate(names)]
+                if self.site is not None:
+                    self.site.broadcast_parameters(trainer.model, list(shapes))
             if not start_round:  # a new run: moments saved under its out_dir are an older run's
                 for saved in optimizer_state_dir(cfg, partition[0]).glob("**/round-*.pt"):
                     saved.unlink(missing_ok=True)
             else:
                 self._restore_optimizer(start_round)
-                momentum = request["momentum"]
-                for fragment in self.fragments:
-                    for name, buffer in fragment.outer.momentum_buffer.items():
-                        buffer.copy_(torch.as_tensor(momentum[name]))
+                if not self.sharded:
+                    for fragment in self.fragments:
+                        for name, buffer in fragment.outer.momentum_buffer.items():
+                            buffer.copy_(torch.as_tensor(momentum[name]))
                 for r, (average, participants) in request.get("pending", {}).items():
                     tensors = {n: torch.as_tensor(a).float() for n, a in average.items()}
                     self._averages[int(r)] = (tensors, False, int(participants))
@@ -256,7 +270,7 @@ class Worker:
         """AdamW moments saved at `start_round` by this node's worker of the run, if any;
         otherwise the worker keeps the ones it has (fresh ones in a new process)."""
         saved = saved_optimizer(self.cfg, self.partition[0], start_round)
-        ranks = range(self.site.ranks if self.site is not None and self.site.sharded else 1)
+        ranks = range(self.site.ranks if self.sharded else 1)
         if all(saved_optimizer(self.cfg, self.partition[0], start_round, r).is_file() for r in ranks):
             try:
                 self.trainer.load_optimizer(saved)
@@ -272,7 +286,7 @@ class Worker:
         cfg = self.cfg
         if not cfg.checkpoint_due(server_round):
             return
-        if self.site is not None and self.site.sharded:  # ddp: rank 0's moments are everyone's
+        if self.sharded:  # ddp: rank 0's moments are everyone's
             self.site.command(SAVE_OPTIMIZER, server_round)
         save_optimizer(self.trainer, cfg, self.partition[0], server_round)
 
@@ -285,8 +299,8 @@ class Worker:
         server_round = int(request["round"])
         delivered = int(request.get("aggregate_round", 0))
         if delivered:
-            fragment = self.fragments[round_fragment(delivered, len(self.fragments))]
-            average = decode_tensors(request["aggregate"], self.cfg.wire_precision, fragment.shapes)
+            shapes = self._wire_shapes(round_fragment(delivered, len(self.fragments)))
+            average = decode_tensors(request["aggregate"], self.cfg.wire_precision, shapes)
             with self._state:
                 self._averages[delivered] = (average, bool(request.get("counted", True)),
                                              int(request.get("participants", 0)))
@@ -367,41 +381,62 @@ class Worker:
                 else:
                     stale = stale_round(server_round, cfg.staleness, num_fragments)
                     # What the server decodes is what it averaged in, so that is what to subtract later.
-                    sent = decode_tensors(wire, cfg.wire_precision, fragment.shapes)
+                    sent = decode_tensors(wire, cfg.wire_precision, self._wire_shapes(fragment.index))
                     stale_average, counted, participants = self._wait_for_average(stale, fragment, meter,
                                                                                   generation)
-                    stale_own = fragment.sent.pop(stale, None)
-                    if not counted or stale_own is None:
-                        stale_own = zeros_like(sent)  # never added to the average: nothing to take out
-                    fragment.sent[server_round] = sent
-                    self._apply(fragment, eager_outer_gradient(stale_average, sent, stale_own,
-                                                               self._eager_weight(participants)))
+                    self._eager_step(fragment, (server_round, stale), sent, stale_average, counted,
+                                     participants)
 
             for server_round in due.pop(step, []):
                 fragment = self.fragments[round_fragment(server_round, num_fragments)]
                 average, _, _ = self._wait_for_average(server_round, fragment, meter, generation)
-                self._apply(fragment, average, cfg.mixing)
+                self._outer_step(fragment, average)
 
-    def _local_params(self, fragment: Fragment) -> LocalParams:
-        """The fragment's local parameters: the model's own, or under fsdp full copies that
-        rank 0 assembles from the site's slices."""
-        if self.site is None or not self.site.sharded:
-            return self.trainer.model
-        self.site.command(GATHER_FRAGMENT, fragment.index)
-        return self.site.gather_parameters(self.trainer.model, parameter_names(fragment.keys))
+    @property
+    def sharded(self) -> bool:
+        """fsdp: every rank of the site holds its slice of the parameters and the outer state."""
+        return self.site is not None and self.site.sharded
 
-    def _apply(self, fragment: Fragment, update: Tensors, mixing: float = 0.0) -> None:
-        """The outer step on `fragment`, then every rank of the site takes its result."""
-        if self.site is None:
-            fragment.apply(update, self.trainer.model, mixing)
+    def _wire_shapes(self, index: int) -> dict[str, tuple[int, ...]]:
+        """Fragment `index`'s full shapes, as its outer gradients and averages travel."""
+        if self.sharded:
+            return {key: tuple(shape) for key, shape in self.layouts[index].shapes.items()}
+        return self.fragments[index].shapes
+
+    def _outer_gradient(self, fragment: Fragment) -> Tensors:
+        """Δ of the whole fragment (under fsdp assembled on rank 0 from the ranks' slices)."""
+        if not self.sharded:
+            return fragment.outer_gradient(self.trainer.model)
+        self.site.command(SEND_DELTA, fragment.index)
+        return sharded_outer_gradient(self.site, fragment, self.layouts[fragment.index], self.trainer.model)
+
+    def _outer_step(self, fragment: Fragment, average: Tensors) -> None:
+        """The outer step on `fragment` with round r's average, on every rank of the site."""
+        if self.sharded:
+            self.site.command(OUTER_STEP, fragment.index)
+            sharded_outer_step(self.site, fragment, self.layouts[fragment.index], self.trainer.model,
+                               self.cfg.mixing, average)
             return
-        # fsdp: into full copies of the fragment's parameters (with the rows of them that are
-        # not the fragment's, when a key is a row range), which the ranks then take slices of.
-        local = self._local_params(fragment)
-        fragment.apply(update, local, mixing)
-        self.site.command(SET_FRAGMENT, fragment.index)
-        self.site.set_parameters(self.trainer.model, parameter_names(fragment.keys),
-                                 local if self.site.sharded else None)
+        fragment.apply(average, self.trainer.model, self.cfg.mixing)
+        self._broadcast(fragment)
+
+    def _eager_step(self, fragment: Fragment, rounds: tuple[int, int], sent: Tensors, stale_average: Tensors,
+                    counted: bool, participants: int) -> None:
+        """The delayed/eager step (Fragment.eager_step) at round r = rounds[0], on every rank."""
+        weight = eager_weight(self.cfg, participants, self.partition[1])
+        if self.sharded:
+            self.site.command(EAGER_STEP, fragment.index, *rounds, counted, participants)
+            sharded_eager_step(self.site, fragment, self.layouts[fragment.index], self.trainer.model, rounds,
+                               counted, weight, sent, stale_average)
+            return
+        fragment.eager_step(*rounds, sent, stale_average, counted, weight, self.trainer.model)
+        self._broadcast(fragment)
+
+    def _broadcast(self, fragment: Fragment) -> None:
+        """ddp: every rank takes rank 0's result of an outer step on `fragment`."""
+        if self.site is not None:
+            self.site.command(SET_FRAGMENT, fragment.index)
+            self.site.broadcast_parameters(self.trainer.model, parameter_names(fragment.keys))
 
     def _keep_site_until_stopped(self, generation: int) -> None:
         """The other ranks wait in a collective for rank 0's next command: keep it alive
@@ -412,13 +447,6 @@ class Worker:
             while not (self._stopping or self._generation != generation):
                 if not self._state.wait(timeout=1.0):
                     self.site.command(NOOP)
-
-    def _eager_weight(self, participants: int) -> float:
-        """1/M for eager (0 for delayed), M = the participants of the latest average: this
-        round's own count is not known until its average comes back."""
-        if self.cfg.algorithm != "eager":
-            return 0.0
-        return 1.0 / (participants or self.partition[1])
 
     def _finish_queued_steps(self, meter: _RoundMeter) -> None:
         """Wait for the steps the device still has queued (CUDA runs them asynchronously);
@@ -431,7 +459,7 @@ class Worker:
         """Post round r's reply; returns the encoded outer gradient it carries."""
         cfg, trainer = self.cfg, self.trainer
         self._finish_queued_steps(meter)
-        wire = encode_tensors(fragment.outer_gradient(self._local_params(fragment)), cfg.wire_precision)
+        wire = encode_tensors(self._outer_gradient(fragment), cfg.wire_precision)
         ranks = cfg.ranks_per_worker
         tokens = len(meter.losses) * trainer.stream.batch_size * ranks * cfg.seq_len
         tokens_per_second = tokens / meter.compute_seconds
@@ -457,7 +485,8 @@ class Worker:
         """Round r's average (zero for r ≤ 0: Δ(0) = 0), whether we were counted in it
         and its participant count; the wait counts as idle."""
         if server_round <= 0:
-            return zeros_like(fragment.outer.params), False, 0
+            zero = {key: torch.zeros(shape) for key, shape in self._wire_shapes(fragment.index).items()}
+            return zero, False, 0
         with self._state:
             arrived = server_round in self._averages
         if not arrived:

@@ -16,8 +16,10 @@ a vocabulary of V and t = micro_batch_size × seq_len tokens per forward/backwar
 
 A site of R ranks (ranks_per_worker, clients/site.py) needs the training state, activations and
 context once per rank (each on its own device; all in host memory on a CPU) and the outer state
-once, on rank 0. Under fsdp each rank holds 1/R of the training state (FSDP2 also gathers one
-block's weights at a time for its forward and backward: not counted, a block is small).
+once: on rank 0 under ddp; under fsdp 1/R of it on each rank, sliced like the parameters (the
+same host memory in all when the ranks share a machine). Under fsdp each rank also holds 1/R of
+the training state (FSDP2 also gathers one block's weights at a time for its forward and
+backward: not counted, a block is small).
 
 The activation constants are the largest that `bench/worker_memory.py`'s way of counting (the
 bytes autograd saves, with saved-tensor hooks) measured on the tiny-1m, 35m and 100m presets,
@@ -66,7 +68,7 @@ def worker_memory(n_params: int, n_layers: int, d_model: int, vocab_size: int, m
     per_token = (ACTIVATION_BYTES_PER_BLOCK_TOKEN[precision] * d_model * n_layers
                  + (ACTIVATION_BYTES_OUTSIDE_BLOCKS + LOSS_BACKWARD_BYTES_PER_LOGIT[precision]) * vocab_size)
     training = state + micro_tokens * per_token
-    outer = OUTER_STATE_BYTES_PER_PARAM * n_params
+    outer = OUTER_STATE_BYTES_PER_PARAM * n_params  # the site's, on its one machine (ddp: rank 0's)
     if on_cuda:
         return WorkerMemory(device=training + CUDA_CONTEXT_BYTES, host=outer)
     return WorkerMemory(device=0.0, host=ranks * training + outer)

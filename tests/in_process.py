@@ -21,7 +21,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from clients.channel import WorkerError, WorkerHandle
 from clients.worker import Worker, build_trainer
-from fl_diloco.client_app import train_reply_content, train_request_fields
+from fl_diloco.client_app import prepare_request_fields, train_reply_content, train_request_fields
 from fl_diloco.config import RunConfig
 from strategies.diloco import PARAMS_KEY, DiLoCo
 from strategies.wire import from_array_record
@@ -48,9 +48,12 @@ class ProcessWorker:
         self.handle({"kind": "shutdown"})
 
 
-def run_in_process(cfg: RunConfig, rounds: int | None = None,
-                   worker_cfg: RunConfig | None = None) -> tuple[DiLoCo, list[Worker]]:
+def run_in_process(cfg: RunConfig, rounds: int | None = None, worker_cfg: RunConfig | None = None,
+                   resync_after: int = 0) -> tuple[DiLoCo, list[Worker]]:
     """Run `rounds` Flower rounds (default: the whole run) of `cfg` with M in-process workers.
+
+    `resync_after` r > 0: once round r closed, every worker is prepared again with the server's
+    state after it, as a resumed run's workers are.
 
     `worker_cfg`, when given, is the config the workers receive instead of `cfg`: the planted-bug
     tests use it to give workers a wrong τ or α while the server and the reference keep the right one.
@@ -74,6 +77,12 @@ def run_in_process(cfg: RunConfig, rounds: int | None = None,
                 assert "error" not in answer, answer["error"]
                 replies.append(Message(content=train_reply_content(answer), reply_to=message))
             strategy.aggregate_train(server_round, replies)
+            if server_round == resync_after:
+                state = prepare_request_fields(strategy.worker_state(server_round))
+                for partition, worker in enumerate(workers):
+                    answer = worker.handle({"kind": "prepare", "partition_id": partition, **common,
+                                            **state})
+                    assert "error" not in answer, answer["error"]
     finally:
         for worker in workers:  # let each inner loop finish what it was applying, then end
             worker.stop()

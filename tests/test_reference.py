@@ -101,8 +101,8 @@ def _own_stale_term_kept(stale_average, fresh_own, stale_own, weight):
 PLANTED_BUGS = {
     # name: (variant, patch of the worker's code or None, wrong keys the workers get instead)
     "flipped-outer-gradient-sign": ("diloco", ("clients.fragment.outer_gradient", _flipped_sign), {}),
-    "eager-keeps-own-stale-term": ("eager-d1", ("clients.worker.eager_outer_gradient", _own_stale_term_kept), {}),
-    "streaming-eager-keeps-own-stale-term": ("streaming-eager", ("clients.worker.eager_outer_gradient",
+    "eager-keeps-own-stale-term": ("eager-d1", ("clients.fragment.eager_outer_gradient", _own_stale_term_kept), {}),
+    "streaming-eager-keeps-own-stale-term": ("streaming-eager", ("clients.fragment.eager_outer_gradient",
                                                                   _own_stale_term_kept), {}),
     "eager-d2-uses-the-d1-average": ("eager-d2", ("clients.worker.stale_round",
                                                   lambda r, d, p: stale_round(r, d, p) + p), {}),

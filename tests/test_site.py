@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from clients.site import RankSlice
+from clients.site import RankSlice, ShardLayout
 from fl_diloco.data import BatchStream
+from strategies.fragments import select
 from tests.conftest import small_config
 from tests.in_process import run_in_process
 from tests.test_fault_processes import (SMALL, _kill_session, _records, _short_dir, _train, _wait_for,
@@ -31,6 +32,21 @@ def test_rank_slices_are_disjoint_and_together_the_sites_batch():
         assert torch.equal(torch.cat(rows), inputs)
 
 
+@pytest.mark.parametrize("rows, ranks", [(10, 3), (2, 3)])
+def test_a_ranks_outer_state_is_the_rows_of_a_fragment_its_fsdp_slice_holds(rows, ranks):
+    # FSDP2 slices dim 0 like torch.chunk; a fragment's row range may cut across those slices.
+    full = {"w": torch.arange(rows * 2.0).reshape(rows, 2), "b": torch.arange(float(rows))}
+    keys = [f"w[1:{rows}]", "b"]
+    layouts = [ShardLayout(keys, {n: t.shape for n, t in full.items()}, r, ranks) for r in range(ranks)]
+    slices = [{n: t.chunk(ranks)[r] if r < len(t.chunk(ranks)) else t[:0] for n, t in full.items()}
+              for r in range(ranks)]
+    for key, expected in select(full, keys).items():
+        pieces = [select(slices[r], [layouts[r].local_keys[key]]).popitem()[1] for r in range(ranks)]
+        assert [len(p) for p in pieces] == layouts[0].rows[key]
+        assert torch.equal(torch.cat(pieces), expected)
+        assert layouts[0].shapes[key] == expected.shape
+
+
 @pytest.mark.parametrize("variant", ["diloco", "eager-d1", "streaming-tau1-alpha0.5"])
 def test_two_ranks_with_batch_b_follow_one_process_with_batch_2b(variant, tmp_path, references):
     # The reference trains each site in one process on batches of 4 (small_config); here each
@@ -41,13 +57,18 @@ def test_two_ranks_with_batch_b_follow_one_process_with_batch_2b(variant, tmp_pa
     assert_same_trajectory(strategy.params, references(variant).global_params, _start(cfg))
 
 
-def test_an_fsdp_site_trains_like_a_ddp_site(tmp_path, references):
-    # Sharded: Δ and the α-merge are assembled on rank 0 from the ranks' slices, the result
-    # scattered back. Same reference as the DDP sites above, so FSDP matches DDP as well.
-    variant = "streaming-tau1-alpha0.5"
+@pytest.mark.parametrize("variant, resync_after", [("streaming-tau1-alpha0.5", 0), ("eager-d1", 0),
+                                                   ("diloco", 2)])
+def test_an_fsdp_site_trains_like_a_ddp_site(variant, resync_after, tmp_path, references):
+    # Sharded: each rank keeps the outer state of its slice (row ranges of a parameter cut across
+    # the ranks' slices under streaming), rank 0 assembles Δ and scatters the averages. Same
+    # reference as the DDP sites above, so FSDP matches DDP as well. A diloco site re-prepared
+    # from the server's state after a checkpointed round (a resume: each rank takes its slice of θ,
+    # of the outer momentum and of its AdamW moments) goes on as if it never stopped.
     cfg = _config(tmp_path, variant)
-    site_cfg = cfg.replace(ranks_per_worker=2, batch_size=cfg.batch_size // 2, parallelism="fsdp")
-    strategy, _ = run_in_process(site_cfg)
+    site_cfg = cfg.replace(ranks_per_worker=2, batch_size=cfg.batch_size // 2, parallelism="fsdp",
+                           checkpoint_every=1)
+    strategy, _ = run_in_process(site_cfg, resync_after=resync_after)
     assert_same_trajectory(strategy.params, references(variant).global_params, _start(cfg))
 
 

@@ -35,7 +35,7 @@ from fl_diloco.config import ConfigError, RunConfig, resolve_device
 from fl_diloco.data import Corpus, load_corpus
 from fl_diloco.evaluation import evaluate
 from fl_diloco.flops import model_flops_per_token
-from fl_diloco.model import Transformer, load_parameters, model_config
+from fl_diloco.model import Transformer, load_parameters, model_config, num_parameters
 from fl_diloco.preflight import check_before_start
 from fl_diloco.reporting import SUMMARY_NAME, RunLog, compute_utilization, failure_recorded, finish_run, throughput
 from fl_diloco.resume import complete_message, finished_summary, load_resume
@@ -388,7 +388,7 @@ def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> d
                "setup_bytes_down": setup_bytes,
                "worker_setup_seconds": sum(launch["worker_setup_seconds"] for launch in launches),
                "launches": launches,
-               "num_parameters": sum(p.numel() for p in model.parameters()),
+               "num_parameters": num_parameters(model),
                "flops_per_token": model_flops_per_token(model_cfg, cfg.seq_len),
                "rejected_replies": sum(s.rejected for s in history),
                "unavailable_node_rounds": sum(len(s.unavailable_nodes) for s in history),

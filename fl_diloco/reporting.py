@@ -161,8 +161,9 @@ class RunLog:
 
 
 def write_summary(out_dir: Path, summary: dict[str, Any]) -> Path:
+    """summary.json, whole or not at all: its presence marks a finished run (fl_diloco/resume.py)."""
     path = out_dir / SUMMARY_NAME
-    path.write_text(json.dumps(summary, indent=2))
+    atomic_write(path, lambda f: f.write(json.dumps(summary, indent=2).encode()))
     return path
 
 

@@ -213,8 +213,7 @@ class SiteGroup:
             pass
         for process in self.processes:
             process.join(timeout=10)
-        self.kill()
-        dist.destroy_process_group()
+        self.abort()
 
     def abort(self) -> None:
         """End the followers and leave the group without a word (it is broken)."""

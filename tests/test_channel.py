@@ -10,6 +10,7 @@ import time
 import pytest
 
 from clients.channel import KEY_NAME, LOG_NAME, WorkerError, WorkerHandle, runtime_root
+from tests.test_worker import _wait_gone
 
 SPARE_UID = 65534  # "nobody" on most systems: a uid that is not ours
 
@@ -66,21 +67,6 @@ def test_a_folder_others_can_write_into_is_refused_and_a_readable_one_tightened(
     assert stat.S_IMODE(handle.directory.stat().st_mode) == 0o700
 
 
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _wait_gone(pid, seconds=20.0):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and _alive(pid):
-        time.sleep(0.1)
-    return not _alive(pid)
-
-
 @pytest.fixture
 def node_process():
     """Stands for a SuperNode that stays up while its runs come and go."""
@@ -98,7 +84,7 @@ def test_a_worker_of_a_killed_run_leaves_once_a_new_run_starts(runtime_dir, node
     old_pid = old.call({"kind": "ping"}, timeout=10)["pid"]
     WorkerHandle(run_id=2, node_id=8).ensure_running(watch_pid=node_process, idle_timeout=600,
                                                      yield_after=1.0)
-    assert _wait_gone(old_pid), "the killed run's worker outlived the new run's start"
+    assert _wait_gone(old_pid, seconds=20), "the killed run's worker outlived the new run's start"
     assert "another run started on this machine" in (old.directory / LOG_NAME).read_text()
 
 

@@ -35,7 +35,7 @@ class ProgressPublisher:
         self.last_written = now
         # Only a display depends on it: a folder removed at shutdown must not stop training.
         with contextlib.suppress(OSError):
-            atomic_write(self.path, lambda f: f.write(str(step).encode()))
+            atomic_write(self.path, lambda f: f.write(str(step).encode()), durable=False)
 
 
 def slowest_step(directories: Iterable[Path]) -> int | None:

@@ -14,7 +14,6 @@ the reference by at least 100 times the tolerance.
 from unittest import mock
 
 import pytest
-import torch
 
 import clients.fragment
 import clients.worker
@@ -132,4 +131,3 @@ def test_planted_bugs_patch_code_that_exists():
             module, attribute = patch[0].rsplit(".", 1)
             assert hasattr({"clients.fragment": clients.fragment, "clients.worker": clients.worker}[module],
                            attribute), patch[0]
-    assert torch.is_tensor(_flipped_sign({"w": torch.ones(1)}, {"w": torch.zeros(1)})["w"])

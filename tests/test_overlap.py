@@ -100,6 +100,12 @@ def test_fragments_partition_the_model():
     sequential = fragment_names(shapes, 4, "sequential")
     assert [sorted({n.split(".")[1] for n in f if n.startswith("blocks")}) for f in sequential] == \
         [["0", "1"], ["2", "3"], ["4"], ["5"]]
+    for split in (strided, sequential):  # every element of every tensor in exactly one fragment
+        counts = {n: np.zeros(s, dtype=np.int64) for n, s in shapes.items()}
+        for keys in split:
+            for rows in select(counts, keys).values():
+                rows += 1
+        assert all((c == 1).all() for c in counts.values())
     with pytest.raises(ValueError, match="between 1 and"):
         fragment_names(shapes, 7, "strided")
 

@@ -59,10 +59,6 @@ PAPER_WORKLOAD = Workload(params=1e9, layers=24, step_time=0.1, workers=2, inner
                           fragments=8, grad_precision="bf16", topology="ring",
                           fp4_scale_bits=0)
 
-# The paper's figures sit on np.logspace(-1, 3, 50) (0.1 to 1000 Gbit/s, x1.207 per point):
-# each is the largest grid point at which CU is still below the target.
-PAPER_GRID = list(GRID_GBPS)
-
 # Why a row misses, when it does (figures in braces are filled in from the run).
 MISS_REASONS = {
     "inner1-h30": (
@@ -90,8 +86,9 @@ MISS_REASONS = {
 
 
 def on_grid(bandwidth: float) -> float:
-    """The paper's reported figure for a true threshold: the largest grid point below it."""
-    return max((g for g in PAPER_GRID if g < bandwidth * (1 - 1e-9)), default=0.0)
+    """The paper's reported figure for a true threshold: the largest point of its grid
+    (planner_paper.GRID_GBPS, np.logspace(-1, 3, 50)) below it."""
+    return max((g for g in GRID_GBPS if g < bandwidth * (1 - 1e-9)), default=0.0)
 
 
 def evaluate_paper_mode() -> dict:
@@ -105,7 +102,7 @@ def evaluate_paper_mode() -> dict:
             cells.append({"row": name, "target_cu": target, "predicted_gbps": pred, "paper_gbps": ref,
                           "rel_error": pred / ref - 1,
                           # exact: the grid point the paper's printed figure stands for
-                          "exact": pred == min(PAPER_GRID, key=lambda g: abs(g - ref))})
+                          "exact": pred == min(GRID_GBPS, key=lambda g: abs(g - ref))})
     errors = [abs(c["rel_error"]) for c in cells]
     return {"cells": cells, "max_abs_rel_error": max(errors),
             "within_25pct": sum(e <= TOLERANCE for e in errors),

@@ -50,6 +50,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fl_diloco.planner import CU_TARGETS, Method, parse_method
+from strategies.fragments import fragment_blocks
 
 GRID_GBPS = tuple(10 ** (-1 + 4 * k / 49) for k in range(50))  # numpy.logspace(-1, 3, 50)
 OUTER_STEPS_SIMULATED = 2
@@ -100,9 +101,10 @@ def simulate_cu(model: PaperModel, method: Method | str, inner_steps: int, bits:
         steps = OUTER_STEPS_SIMULATED * inner_steps
         fragments = max(1, L // LAYERS_PER_FRAGMENT) if method.family == "streaming" else 1
         lag = method.overlap_steps(inner_steps) + 1
+        held = fragment_blocks(L, fragments, "strided")
         sends = {}
         for t, p in sync_steps(method, inner_steps, fragments, OUTER_STEPS_SIMULATED):
-            for l in range(p, L, fragments):  # strided fragments
+            for l in held[p]:
                 sends.setdefault((t, l), []).append(t + lag)
     needed: dict[tuple[int, int], float] = {}  # (step, layer) → when its forward may start
     now = link_free = 0.0

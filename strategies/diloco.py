@@ -206,8 +206,8 @@ class DiLoCo(Strategy):
                 buffer.copy_(tensors[f"momentum.{n}"])
         self.averages = {}
         for r, contributors in meta["averages"].items():
-            fragment = self.fragments[round_fragment(int(r), self.num_fragments)]
-            exact = {n: tensors[f"average.{r}.{n}"].float() for n in fragment}
+            fragment = round_fragment(int(r), self.num_fragments)
+            exact = {n: tensors[f"average.{r}.{n}"].float() for n in self.fragments[fragment]}
             self.averages[int(r)] = self._round_average(exact, set(contributors), self._shapes(fragment))
         self.history = [RoundStats(**stats) for stats in meta["history"]]
 
@@ -253,7 +253,7 @@ class DiLoCo(Strategy):
         """
         stats = self._round_stats(server_round)
         fragment = stats.fragment
-        shapes = self._shapes(self.fragments[fragment])
+        shapes = self._shapes(fragment)
         size_limit = self.max_reply_bytes or self._reply_limits.setdefault(
             fragment, default_reply_limit(shapes, self.wire_precision))
         average = WeightedAverage()
@@ -324,7 +324,7 @@ class DiLoCo(Strategy):
             # Nobody contributed: the round's average is zero, on the server and on every
             # worker alike, so their outer states stay in step.
             log(WARNING, "round %d: no usable reply; the round's average is zero", server_round)
-            exact = zeros_like(select(self.params, self.fragments[fragment]))
+            exact = zeros_like(self.optimizers[fragment].params)
         self.averages[server_round] = self._round_average(exact, contributors, shapes)
         self.optimizers[fragment].step(self._global_update(server_round))
         self._forget_old_averages(server_round)
@@ -346,8 +346,9 @@ class DiLoCo(Strategy):
         return self._pending.setdefault(server_round, RoundStats(
             round=server_round, fragment=round_fragment(server_round, self.num_fragments)))
 
-    def _shapes(self, keys: list[str]) -> dict[str, tuple[int, ...]]:
-        return {key: tuple(t.shape) for key, t in select(self.params, keys).items()}
+    def _shapes(self, fragment: int) -> dict[str, tuple[int, ...]]:
+        """Fragment p's keys and shapes, read off the views its optimizer already holds."""
+        return {key: tuple(t.shape) for key, t in self.optimizers[fragment].params.items()}
 
     def _round_average(self, exact: Tensors, contributors: set[int],
                        shapes: Mapping[str, tuple[int, ...]]) -> RoundAverage:

@@ -11,6 +11,7 @@ from strategies.fragments import fragment_names, rounds_in_flight, select, stale
 from strategies.outer_optimizer import OuterOptimizer, eager_outer_gradient, zeros_like
 from tests.conftest import small_config
 from strategies.diloco import DiLoCo
+from tests import reference
 from tests.in_process import run_in_process
 from tests.tolerance import assert_same_trajectory
 
@@ -100,18 +101,40 @@ def test_fragments_partition_the_model():
     sequential = fragment_names(shapes, 4, "sequential")
     assert [sorted({n.split(".")[1] for n in f if n.startswith("blocks")}) for f in sequential] == \
         [["0", "1"], ["2", "3"], ["4"], ["5"]]
+    for split in (strided, sequential):  # every element of every tensor in exactly one fragment
+        counts = {n: np.zeros(s, dtype=np.int64) for n, s in shapes.items()}
+        for keys in split:
+            for rows in select(counts, keys).values():
+                rows += 1
+        assert all((c == 1).all() for c in counts.values())
     with pytest.raises(ValueError, match="between 1 and"):
         fragment_names(shapes, 7, "strided")
 
 
-@pytest.mark.parametrize("preset, num_fragments",
-                         [(preset, p) for preset in ("tiny-1m", "tiny-10m", "35m", "1b") for p in (2, 4, 8)
-                          if p <= model_config(preset).n_layers])  # P at most one fragment per block
+PRESET_SPLITS = [(preset, p) for preset in ("tiny-1m", "tiny-10m", "35m", "1b") for p in (2, 4, 8)
+                 if p <= model_config(preset).n_layers]  # P at most one fragment per block
+
+
+def _preset_shapes(preset):
+    with torch.device("meta"):
+        return {n: tuple(p.shape) for n, p in Transformer(model_config(preset)).named_parameters()}
+
+
+@pytest.mark.parametrize("preset, num_fragments", PRESET_SPLITS)
+def test_fragment_split_matches_the_independent_reference(preset, num_fragments):
+    # tests/reference.py splits from the formulas on its own; the Flower runs are checked
+    # against it only on tiny configs, so compare the two splits on the real presets too.
+    shapes = _preset_shapes(preset)
+    for pattern in ("strided", "sequential"):
+        assert fragment_names(shapes, num_fragments, pattern) == \
+            reference.fragment_names(shapes, num_fragments, pattern), pattern
+
+
+@pytest.mark.parametrize("preset, num_fragments", PRESET_SPLITS)
 def test_largest_fragment_is_about_one_pth_of_the_model(preset, num_fragments):
     # Streaming exists to divide the peak bytes per sync by P: no fragment above 1.1/P.
     cfg = model_config(preset)
-    with torch.device("meta"):
-        shapes = {n: tuple(p.shape) for n, p in Transformer(cfg).named_parameters()}
+    shapes = _preset_shapes(preset)
     empty = {n: np.empty(s, dtype=np.uint8) for n, s in shapes.items()}
     for pattern in ("strided", "sequential"):
         sizes = [sum(v.size for v in select(empty, keys).values())

@@ -12,7 +12,6 @@ that fails is recorded in `failed.json` and the sweep goes on. `report` aggregat
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import socket
 import sys
@@ -22,9 +21,8 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from fl_diloco.atomic import atomic_write
 from fl_diloco.config import DEFAULTS, ConfigError, RunConfig, key_help
-from fl_diloco.report import SWEEP_INDEX_NAME
+from fl_diloco.report import save_sweep_index
 from fl_diloco.reporting import write_failure
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -200,9 +198,7 @@ def write_sweep_index(sweep_dir: Path, command: list[str], jobs: list[dict[str, 
              "pid": os.getpid(), "host": socket.gethostname(),
              "jobs": [{**job, "job_dir": relative(job["job_dir"]), "out_dir": relative(job["out_dir"])}
                       for job in jobs]}
-    path = sweep_dir / SWEEP_INDEX_NAME
-    atomic_write(path, lambda f: f.write(json.dumps(index, indent=2).encode()))
-    return path
+    return save_sweep_index(sweep_dir, index)
 
 
 def print_sweep_status(sweep_dir: Path, jobs: list[dict[str, Any]]) -> None:

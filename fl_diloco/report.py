@@ -176,6 +176,14 @@ def _process_gone(index: dict[str, Any]) -> bool:
     return False
 
 
+def save_sweep_index(sweep_dir: Path, index: dict[str, Any]) -> Path:
+    """Write sweep.json atomically: the sweep rewrites it after every job, and a report may
+    read it at any moment."""
+    path = sweep_dir / SWEEP_INDEX_NAME
+    atomic_write(path, lambda f: f.write(json.dumps(index, indent=2).encode()))
+    return path
+
+
 def _mark_interrupted(sweep_dir: Path, index: dict[str, Any], jobs: list[Job]) -> None:
     """Jobs the index calls `running` whose sweep process is gone were stopped mid-run (e.g.
     SIGKILL, which leaves no trace): call them `interrupted`, here and in sweep.json."""
@@ -191,7 +199,7 @@ def _mark_interrupted(sweep_dir: Path, index: dict[str, Any], jobs: list[Job]) -
             job.error = job.error or "the sweep was stopped while this job ran; run it again"
     if changed:
         try:  # best effort: the report is still right if the sweep directory is read-only
-            atomic_write(sweep_dir / SWEEP_INDEX_NAME, lambda f: f.write(json.dumps(index, indent=2).encode()))
+            save_sweep_index(sweep_dir, index)
         except OSError:
             pass
 

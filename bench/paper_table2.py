@@ -1,0 +1,274 @@
+"""The eager-updates paper's Table 2, Figure 5 and Table 3, rerun at the papers' settings, 3 seeds.
+
+Every row is a real run (`fl-diloco train` with the row's overrides: a Flower simulation, or
+the data-parallel baseline) on the shipped corpus, and every row of a table trains on the same
+token budget. What the papers state, and what we chose where they are silent or where this
+machine cannot follow them (2 CPU cores, about an hour for the whole table):
+
+  papers                                     here
+  M = 2 replicas                             num_clients = 2
+  H = 30 (Table 2, Table 3), H swept (Fig. 5) inner_steps = 30; Figure 5: H = 10, 30, 100
+  outer Nesterov, momentum 0.9               outer_momentum = 0.9, outer_lr = 0.7 (DiLoCo's)
+  lowered outer LR for naive delayed         outer_lr = 0.35 (half; the paper gives no value)
+  thousands of outer steps, 35M-1B params    100 outer steps (3,000 inner steps per worker),
+                                             the tiny preset (2 blocks, d_model 128) with a
+                                             1,024-token vocabulary and 64-token sequences,
+                                             0.69M parameters: the most outer steps an hour buys
+  AdamW, warmup then cosine                  the same; warmup 100 of 3,000 inner steps
+  Streaming DiLoCo: fragments of 3 layers    P = 2 fragments of one block each (levelled)
+
+Groups (`--groups`, any subset, in this order by default):
+  table2       DiLoCo, 1-inner-step overlap (τ = 1 on one fragment), naive delayed, naive
+               delayed at the lowered outer LR, eager d = 1, eager d = 2, data-parallel
+  table3       DiLoCo and Streaming DiLoCo (P = 2), each without overlap and with eager d = 1
+  figure5      DiLoCo, naive delayed and eager d = 1 at H = 10, 30, 100, same tokens
+  investigate  not in the papers: the outer LR (0.35, 1.0) for DiLoCo, eager and delayed,
+               and M = 4 at the same total tokens, to see what eager's gap depends on
+
+Every run lives once under <out>/runs/<variant>-s<seed>/ (rows shared between groups run
+once); each group is a directory of links to its runs, so `fl-diloco report <out>/<group>`
+reads it like any sweep. The bench writes each group's report.md and plots through
+`fl_diloco.report`, prints every row as mean ± std over seeds with its ratio to DiLoCo at the
+same H and M, checks the paper's claims, and prints, as its LAST line, one JSON object.
+Runs whose summary.json exists are read back, so an interrupted bench resumes where it stopped.
+
+Usage:
+    nice python bench/paper_table2.py                          # everything, 3 seeds (~1.5 h)
+    python bench/paper_table2.py --groups table2 --seeds 0      # one seed of Table 2 (~12 min)
+    fl-diloco report runs/paper-table2/table2                  # the report again, any time
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fl_diloco.cli import run_job  # noqa: E402
+from fl_diloco.config import RunConfig  # noqa: E402
+from fl_diloco.report import report  # noqa: E402
+from fl_diloco.reporting import SUMMARY_NAME  # noqa: E402
+
+# The settings every row shares (see the docstring for why each one).
+SETTINGS: dict = {
+    "model": "tiny", "vocab_size": 1024, "seq_len": 64, "batch_size": 8,
+    "num_clients": 2, "inner_steps": 30, "warmup_steps": 100,
+    "outer_lr": 0.7, "outer_momentum": 0.9,
+    "eval_every": 10, "checkpoint_every": 0,
+}
+INNER_STEPS_PER_WORKER = 3000  # the token budget: M x 3,000 steps x 8 x 64 tokens
+LOWER_OUTER_LR = 0.35
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str          # directory name, unique across groups
+    paper_row: str     # the paper's words for the row
+    overrides: dict = field(default_factory=dict)
+
+    def config(self, seed: int) -> dict:
+        cfg = {**SETTINGS, **self.overrides, "seed": seed}
+        cfg["rounds"] = INNER_STEPS_PER_WORKER * SETTINGS["num_clients"] // (cfg["inner_steps"] * cfg["num_clients"])
+        return cfg
+
+
+DILOCO = Variant("diloco", "no overlap (DiLoCo)", {"algorithm": "diloco"})
+EAGER = Variant("eager-d1", "1 outer step, eager", {"algorithm": "eager", "delay": 1})
+DELAYED = Variant("delayed", "1 outer step, naive delayed", {"algorithm": "delayed"})
+
+
+def _at(variant: Variant, suffix: str, paper_row: str, **overrides) -> Variant:
+    return Variant(f"{variant.name}-{suffix}", paper_row, {**variant.overrides, **overrides})
+
+
+GROUPS: dict[str, list[Variant]] = {
+    "table2": [
+        DILOCO,
+        # τ = 1 on a single fragment is DiLoCo whose average lands one inner step late.
+        Variant("inner1", "1 inner step overlap",
+                {"algorithm": "diloco", "streaming": True, "fragments": 1, "overlap_steps": 1}),
+        DELAYED,
+        _at(DELAYED, "low-lr", "1 outer step, naive delayed, lower outer LR", outer_lr=LOWER_OUTER_LR),
+        EAGER,
+        Variant("eager-d2", "2 outer steps, eager", {"algorithm": "eager", "delay": 2}),
+        Variant("dp", "data-parallel", {"algorithm": "dp"}),
+    ],
+    "table3": [
+        DILOCO,
+        EAGER,
+        Variant("streaming", "Streaming DiLoCo, no overlap",
+                {"algorithm": "diloco", "streaming": True, "fragments": 2}),
+        Variant("streaming-eager-d1", "Streaming DiLoCo, eager",
+                {"algorithm": "eager", "delay": 1, "streaming": True, "fragments": 2}),
+    ],
+    "figure5": [
+        _at(v, f"H{h}", f"{v.paper_row}, H={h}", inner_steps=h) if h != 30 else v
+        for h in (10, 30, 100) for v in (DILOCO, DELAYED, EAGER)
+    ],
+    "investigate": [
+        *(_at(v, f"lr{lr}", f"{v.paper_row}, outer LR {lr}", outer_lr=lr)
+          for lr in (LOWER_OUTER_LR, 1.0) for v in (DILOCO, EAGER)),
+        *(_at(v, "M4", f"{v.paper_row}, M=4", num_clients=4) for v in (DILOCO, DELAYED, EAGER)),
+    ],
+}
+
+
+def run_once(variant: Variant, seed: int, runs_dir: Path) -> dict:
+    out = runs_dir / f"{variant.name}-s{seed}"
+    summary_path = out / SUMMARY_NAME
+    if summary_path.exists():
+        return json.loads(summary_path.read_text())
+    cfg = RunConfig.from_mapping({**variant.config(seed), "out_dir": str(out), "overwrite": True})
+    return run_job(cfg)
+
+
+def link_group(group_dir: Path, runs_dir: Path, variants: list[Variant], seeds: list[int]) -> None:
+    """The group as a sweep directory: numbered links to its runs, in row order."""
+    group_dir.mkdir(parents=True, exist_ok=True)
+    for old in group_dir.iterdir():
+        if old.is_symlink():
+            old.unlink()
+    number = 0
+    for variant in variants:
+        for seed in seeds:
+            target = runs_dir / f"{variant.name}-s{seed}"
+            if (target / SUMMARY_NAME).exists():
+                (group_dir / f"{number:02d}-{variant.name}-s{seed}").symlink_to(os.path.relpath(target, group_dir))
+                number += 1
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def row_figures(variant: Variant, seeds: list[int], runs_dir: Path) -> dict | None:
+    losses = []
+    for seed in seeds:
+        path = runs_dir / f"{variant.name}-s{seed}" / SUMMARY_NAME
+        if path.exists():
+            losses.append(json.loads(path.read_text())["final_eval_loss"])
+    if not losses:
+        return None
+    mean, std = _mean_std(losses)
+    return {"paper_row": variant.paper_row, "eval_loss_mean": mean, "eval_loss_std": std,
+            "seeds": len(losses), "losses": losses, "config": variant.overrides}
+
+
+COMPARED_AT = ("inner_steps", "num_clients", "outer_lr")
+
+
+def diloco_of(variant: Variant) -> Variant | None:
+    """The DiLoCo row a variant is compared with: the same H, M and outer LR."""
+    want = variant.config(0)
+    for candidate in (v for vs in GROUPS.values() for v in vs):
+        have = candidate.config(0)
+        if (have.get("algorithm") == "diloco" and not have.get("streaming")
+                and all(have[k] == want[k] for k in COMPARED_AT)):
+            return candidate
+    return None
+
+
+def table(name: str, rows: dict[str, dict]) -> str:
+    lines = [f"{name}", "", "| row | paper's row | eval loss (mean ± std) | seeds | ratio to DiLoCo |",
+             "|---|---|---|---|---|"]
+    for key, r in rows.items():
+        ratio = f"{r['ratio_to_diloco']:.4f}" if r.get("ratio_to_diloco") else "-"
+        lines.append(f"| {key} | {r['paper_row']} | {r['eval_loss_mean']:.4f} ± {r['eval_loss_std']:.4f} | "
+                     f"{r['seeds']} | {ratio} |")
+    return "\n".join(lines)
+
+
+def claims(table2: dict[str, dict]) -> list[str]:
+    """The paper's ordering, checked on the means; a missing row skips its check."""
+    def ratio(key: str) -> float | None:
+        return table2.get(key, {}).get("ratio_to_diloco")
+
+    found = []
+    e1, e2, delayed = ratio("eager-d1"), ratio("eager-d2"), ratio("delayed")
+    if e1 is not None:
+        found.append(f"eager d=1 within +2 % of DiLoCo: {'yes' if e1 <= 1.02 else 'NO'} ({(e1 - 1) * 100:+.1f} %)")
+    if delayed is not None and e1 is not None:
+        found.append(f"naive delayed clearly worse than eager d=1: {'yes' if delayed > e1 + 0.02 else 'NO'} "
+                     f"({(delayed - 1) * 100:+.1f} % vs {(e1 - 1) * 100:+.1f} %)")
+    if None not in (e1, e2, delayed):
+        between = e1 <= e2 <= delayed
+        found.append(f"eager d=2 between eager d=1 and naive delayed: {'yes' if between else 'NO'} "
+                     f"({(e2 - 1) * 100:+.1f} %)")
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--groups", default="table2,table3,figure5",
+                        help=f"comma-separated subset of: {', '.join(GROUPS)}")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--out-dir", type=Path, default=Path("runs/paper-table2"))
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and stop")
+    args = parser.parse_args(argv)
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        parser.error(f"unknown groups {unknown}; choose from {', '.join(GROUPS)}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    out_dir = args.out_dir.resolve()
+    runs_dir = out_dir / "runs"
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+    # Seed 0 of every group first, then the other seeds: a partial run is already one table.
+    todo: list[tuple[Variant, int]] = []
+    for seed in seeds:
+        for group in groups:
+            for variant in GROUPS[group]:
+                if (variant, seed) not in todo:
+                    todo.append((variant, seed))
+    for variant, _ in todo:  # every config must be valid before the first hour is spent
+        RunConfig.from_mapping(variant.config(0))
+    if args.dry_run:
+        for variant, seed in todo:
+            print(f"{variant.name}-s{seed}: {variant.config(seed)}")
+        return 0
+
+    began = time.perf_counter()
+    for k, (variant, seed) in enumerate(todo, 1):
+        started = time.perf_counter()
+        summary = run_once(variant, seed, runs_dir)
+        spent = time.perf_counter() - began
+        print(f"[{k}/{len(todo)}] {variant.name} seed {seed}: eval loss {summary['final_eval_loss']:.4f} "
+              f"({time.perf_counter() - started:.0f} s; {spent / 60:.1f} min so far, "
+              f"~{spent / k * (len(todo) - k) / 60:.0f} min left)", flush=True)
+
+    figures: dict[str, dict] = {}
+    for group in groups:
+        rows = {}
+        for variant in GROUPS[group]:
+            r = row_figures(variant, seeds, runs_dir)
+            diloco = diloco_of(variant)
+            base = row_figures(diloco, seeds, runs_dir) if diloco else None
+            if r is not None:
+                r["ratio_to_diloco"] = r["eval_loss_mean"] / base["eval_loss_mean"] if base else None
+                rows[variant.name] = r
+        figures[group] = rows
+        link_group(out_dir / group, runs_dir, GROUPS[group], seeds)
+        paths = report(out_dir / group)
+        print(f"\n{table(group, rows)}\n\nreport: {paths['report']}")
+    found = claims(figures.get("table2", {}))
+    if found:
+        print("\nThe paper's claims, on these runs:\n" + "\n".join(f"- {c}" for c in found))
+    print(json.dumps({"benchmark": "paper_table2", "settings": SETTINGS,
+                      "inner_steps_per_worker": INNER_STEPS_PER_WORKER, "seeds": seeds,
+                      "groups": figures, "claims": found}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

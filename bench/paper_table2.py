@@ -55,6 +55,7 @@ from fl_diloco.cli import run_job  # noqa: E402
 from fl_diloco.config import RunConfig  # noqa: E402
 from fl_diloco.report import report  # noqa: E402
 from fl_diloco.reporting import SUMMARY_NAME  # noqa: E402
+from strategies.outer_loop_stability import largest_stable_fraction, spectral_radius  # noqa: E402
 
 # The settings every row shares (see the docstring for why each one).
 SETTINGS: dict = {
@@ -116,6 +117,8 @@ GROUPS: dict[str, list[Variant]] = {
         *(_at(v, f"lr{lr}", f"{v.paper_row}, outer LR {lr}", outer_lr=lr)
           for lr in (LOWER_OUTER_LR, 1.0) for v in (DILOCO, EAGER)),
         *(_at(v, "M4", f"{v.paper_row}, M=4", num_clients=4) for v in (DILOCO, DELAYED, EAGER)),
+        # A third of the inner LR: each phase closes a smaller part of the distance left.
+        *(_at(v, "inner-lr1e-3", f"{v.paper_row}, inner LR 1e-3", inner_lr=1e-3) for v in (DILOCO, EAGER)),
     ],
 }
 
@@ -161,7 +164,7 @@ def row_figures(variant: Variant, seeds: list[int], runs_dir: Path) -> dict | No
             "seeds": len(losses), "losses": losses, "config": variant.overrides}
 
 
-COMPARED_AT = ("inner_steps", "num_clients", "outer_lr")
+COMPARED_AT = ("inner_steps", "num_clients", "outer_lr", "inner_lr")
 
 
 def diloco_of(variant: Variant) -> Variant | None:
@@ -202,6 +205,29 @@ def claims(table2: dict[str, dict]) -> list[str]:
         found.append(f"eager d=2 between eager d=1 and naive delayed: {'yes' if between else 'NO'} "
                      f"({(e2 - 1) * 100:+.1f} %)")
     return found
+
+
+STABILITY_ROWS = (("diloco", "diloco", 1), ("delayed", "delayed", 1), ("eager-d1", "eager", 1),
+                  ("eager-d2", "eager", 2))
+PHASE_FRACTIONS = (0.05, 0.2, 0.5)
+
+
+def stability(num_clients: int, lr: float, momentum: float) -> dict[str, dict]:
+    """The linearised outer loop at these settings: where each variant diverges, and how fast
+    it converges when a phase closes a fraction c of the distance left."""
+    return {name: {"largest_stable_c": largest_stable_fraction(variant, lr, momentum, num_clients, delay),
+                   "rho": {c: spectral_radius(variant, c, lr, momentum, num_clients, delay)
+                           for c in PHASE_FRACTIONS}}
+            for name, variant, delay in STABILITY_ROWS}
+
+
+def stability_table(rows: dict[str, dict]) -> str:
+    lines = ["| variant | diverges above c | " + " | ".join(f"ρ at c = {c}" for c in PHASE_FRACTIONS) + " |",
+             "|---|---|" + "---|" * len(PHASE_FRACTIONS)]
+    for name, r in rows.items():
+        above = "never" if r["largest_stable_c"] >= 1.0 else f"{r['largest_stable_c']:.2f}"
+        lines.append(f"| {name} | {above} | " + " | ".join(f"{r['rho'][c]:.3f}" for c in PHASE_FRACTIONS) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,12 +287,18 @@ def main(argv: list[str] | None = None) -> int:
         link_group(out_dir / group, runs_dir, GROUPS[group], seeds)
         paths = report(out_dir / group)
         print(f"\n{table(group, rows)}\n\nreport: {paths['report']}")
+    loop = {lr: stability(SETTINGS["num_clients"], lr, SETTINGS["outer_momentum"])
+            for lr in (SETTINGS["outer_lr"], LOWER_OUTER_LR)}
+    for lr, rows in loop.items():
+        print(f"\nThe linearised outer loop, M = {SETTINGS['num_clients']}, outer LR {lr}, "
+              f"momentum {SETTINGS['outer_momentum']} (strategies/outer_loop_stability.py; ρ < 1 "
+              f"converges, the gap shrinks by ρ per outer step):\n{stability_table(rows)}")
     found = claims(figures.get("table2", {}))
     if found:
         print("\nThe paper's claims, on these runs:\n" + "\n".join(f"- {c}" for c in found))
     print(json.dumps({"benchmark": "paper_table2", "settings": SETTINGS,
                       "inner_steps_per_worker": INNER_STEPS_PER_WORKER, "seeds": seeds,
-                      "groups": figures, "claims": found}))
+                      "groups": figures, "claims": found, "linearised_outer_loop": loop}))
     return 0
 
 

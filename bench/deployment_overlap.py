@@ -16,9 +16,9 @@ Flower alone costs ~2.5 s of CPU), the ServerApp polls for replies
 idle seconds and compute utilization (CU = compute / (compute + idle)) from summary.json and
 metrics.jsonl, next to the planner's prediction
 (fl_diloco.planner.predict: Flower's star, unlimited bandwidth, the step time measured in
-that run, and O as latency, i.e. O / sync_hops = O / 2 per hop). O comes from the `diloco`
-run itself (or `--overhead-from`), so for `diloco` the prediction only checks the planner's
-arithmetic (CU = H·T / (H·T + O)); for the others it is a prediction: streaming `diloco`
+that run's steady rounds, and O as latency, i.e. O / sync_hops = O / 2 per hop). O comes from
+the `diloco` run itself (or `--overhead-from`), so for `diloco` the prediction only checks the
+planner's arithmetic (CU = H·T / (H·T + O)); for the others it is a prediction: streaming `diloco`
 waits O once per fragment (CU = H·T / (H·T + P·O)), and `eager` hides O completely while O is
 shorter than a phase.
 
@@ -82,6 +82,7 @@ from fl_diloco.planner import (  # noqa: E402
     sync_hops,
 )
 from fl_diloco.reporting import METRICS_NAME, SUMMARY_NAME, compute_utilization  # noqa: E402
+from strategies.fragments import rounds_in_flight  # noqa: E402
 
 SCRIPT = ROOT / "scripts" / "local_deployment.sh"
 CONNECTION = "fl-diloco-local-insecure"  # what `local_deployment.sh up --insecure` adds
@@ -90,6 +91,7 @@ METHODS = ("diloco", "eager")  # the default variants; rate_limited_links.py run
 # Flower's own SuperNode; a tree without that launcher has no mention of it.
 POLL_VARIABLE = "FL_DILOCO_SUPERNODE_POLL"
 STEADY_ROUNDS = 2  # Flower rounds each run keeps after its start-up rounds
+LOAD_NAME = "load_average.json"  # beside each run's summary: 1-minute load before and after it
 
 
 class Variant(NamedTuple):
@@ -156,6 +158,16 @@ def _toml(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def read_run(out_dir: Path) -> tuple[dict, list[dict], list[float] | None]:
+    """A finished run of this bench: summary.json, metrics.jsonl rows, the load average around it."""
+    if not (out_dir / SUMMARY_NAME).is_file():
+        raise SystemExit(f"{out_dir / SUMMARY_NAME} does not exist: no finished run of that variant there")
+    rows = [json.loads(line) for line in (out_dir / METRICS_NAME).read_text().splitlines() if line]
+    load = out_dir / LOAD_NAME
+    return (json.loads((out_dir / SUMMARY_NAME).read_text()), rows,
+            json.loads(load.read_text()) if load.is_file() else None)
+
+
 def fragments_of(summary: dict) -> int:
     """P of the run: 1 unless streaming."""
     return summary["config"]["fragments"] if summary["config"]["streaming"] else 1
@@ -175,12 +187,14 @@ def measure(summary: dict, rows: list[dict]) -> dict[str, Any]:
     compute = sum(c for c, _ in per_worker.values())
     idle = sum(i for _, i in per_worker.values())
     worker_rounds = max(1, sum(len(r["clients"]) for r in steady))
+    steps_per_round = h // fragments
     return {
         "fragments": fragments,
         "flower_rounds": rounds * fragments,
-        # rounds the server keeps open at once (strategies/fragments.py)
-        "rounds_in_flight": max(1, d * fragments),
+        "rounds_in_flight": rounds_in_flight(d, fragments),  # the server keeps open at once
         "step_time_s": summary["compute_seconds"] / (m * rounds * h),
+        # what the planner is given: T over the same rounds as the steady CU it predicts
+        "steady_step_time_s": compute / worker_rounds / steps_per_round,
         "phase_s": summary["compute_seconds"] / (m * rounds),
         "compute_s_per_worker_round": compute / worker_rounds,
         "idle_s_per_worker_round": idle_per_worker_round(steady),
@@ -244,8 +258,9 @@ def planner_method(summary: dict) -> str:
 
 def predict_run(summary: dict, measured: dict, bandwidth_gbps: float, delay_s: float,
                 overhead_s: float) -> Prediction:
-    """The planner's CU and wall time for this run: measured T, configured link, measured O."""
-    workload = flower_workload(summary, measured["step_time_s"])
+    """The planner's CU and wall time for this run: T of its steady rounds, configured link,
+    measured O."""
+    workload = flower_workload(summary, measured["steady_step_time_s"])
     latency = delay_s + overhead_s / sync_hops(workload)
     return predict(workload, planner_method(summary), bandwidth_gbps, latency,
                    steps=summary["rounds"] * summary["inner_steps"])
@@ -268,7 +283,7 @@ def compare(measured: dict, predicted: Prediction) -> dict[str, Any]:
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _LINE = re.compile(r"^[A-Z]+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\s*:\s*(.*)$")
-_RUN = re.compile(r"^\[RUN \d+(?:, ROUND (\d+))?\]$")  # before each Receiving/Sending line
+_RUN = re.compile(r"^\[RUN (\d+)(?:, ROUND (\d+))?\]$")  # before each Receiving/Sending line
 # The node's lines, in the order one train round produces them (Flower 1.41's
 # start_client_internal.py, and its SuperExec's and ClientApp's, which share its log).
 _EVENTS = {"Receiving: ": "received_from", "Received successfully": "received",
@@ -277,18 +292,19 @@ _EVENTS = {"Receiving: ": "received_from", "Received successfully": "received",
 _INCOMING = ("received_from", "received", "clientapp_loading")  # of the message being received
 
 
-def node_rounds(log_text: str) -> dict[int, dict[str, float]]:
-    """Round -> {event: unix time} for the train rounds in this part of a SuperNode's log."""
-    rounds: dict[int, dict[str, float]] = {}
-    current = None  # the train round of the last "[RUN .., ROUND r]" line; None for a query
-    receiving = None  # the train round being received, which the next ClientApp serves
+def node_rounds(log_text: str) -> dict[str, dict[int, dict[str, float]]]:
+    """Flower run id -> round -> {event: unix time}: the train rounds in a SuperNode's log, the
+    runs in the order they came."""
+    runs: dict[str, dict[int, dict[str, float]]] = {}
+    current = None  # (run, round) of the last "[RUN .., ROUND r]" line; None for a query
+    receiving = None  # (run, round) being received, which the next ClientApp serves
     for raw in log_text.splitlines():
         match = _LINE.match(_ANSI.sub("", raw).strip())
         if match is None:
             continue
         message = match[2].strip()
         if named := _RUN.match(message):
-            current = int(named[1]) if named[1] else None
+            current = (named[1], int(named[2])) if named[2] else None
             continue
         event = next((e for prefix, e in _EVENTS.items() if message.startswith(prefix)), None)
         if event == "received_from":
@@ -296,8 +312,8 @@ def node_rounds(log_text: str) -> dict[int, dict[str, float]]:
         round_of = receiving if event in _INCOMING else current
         if event and round_of is not None:
             stamp = datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            rounds.setdefault(round_of, {}).setdefault(event, stamp)
-    return rounds
+            runs.setdefault(round_of[0], {}).setdefault(round_of[1], {}).setdefault(event, stamp)
+    return runs
 
 
 def node_service(rounds: dict[int, dict[str, float]], first_steady: int) -> dict[str, Any]:
@@ -324,23 +340,13 @@ def node_service(rounds: dict[int, dict[str, float]], first_steady: int) -> dict
             "queued_share": queued / steady if steady else None}
 
 
-class NodeLogs:
-    """The SuperNodes' logs of a deployment, read one run at a time (each run appends)."""
-
-    def __init__(self, state_dir: Path, count: int) -> None:
-        self.paths = [state_dir / f"supernode-{i}.log" for i in range(count)]
-        self.offsets = [0] * count
-
-    def mark(self) -> None:
-        self.offsets = [p.stat().st_size if p.exists() else 0 for p in self.paths]
-
-    def since_mark(self, first_steady: int) -> list[dict[str, Any]]:
-        services = []
-        for path, offset in zip(self.paths, self.offsets):
-            with path.open("rb") as log:
-                log.seek(offset)
-                services.append(node_service(node_rounds(log.read().decode(errors="replace")), first_steady))
-        return services
+def node_runs(state_dir: Path, count: int) -> list[list[dict[int, dict[str, float]]]]:
+    """Each run's train rounds on each of the deployment's `count` SuperNodes (`node_rounds`
+    of supernode-<i>.log), the runs in the order they came."""
+    per_node = [node_rounds(path.read_text(errors="replace")) if path.exists() else {}
+                for path in (state_dir / f"supernode-{i}.log" for i in range(count))]
+    run_ids = dict.fromkeys(run for node in per_node for run in node)
+    return [[node.get(run, {}) for node in per_node] for run in run_ids]
 
 
 def serial_bound(measured: dict, services: list[dict]) -> dict[str, Any]:
@@ -395,15 +401,16 @@ def print_node_table(figures: dict[str, dict]) -> None:
           "the SuperLink | node cycle S (s) | W = compute per round (s) | serial bound W/max(W,S) | "
           "CU steady |")
     print("|---|---|---|---|---|---|---|---|---|")
-    def shown(value: float | None, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
-
     for name, f in figures.items():
         queued = [s["queued_share"] for s in f["nodes"] if s["queued_share"] is not None]
         print(f"| {name} | {f['fragments']} | {f['rounds_in_flight']} | {f['node_held_at_once']} | "
-              f"{shown(statistics.mean(queued) if queued else None, '.0%')} | "
-              f"{shown(f['node_cycle_s'], '.1f')} | {f['compute_s_per_worker_round']:.1f} | "
-              f"{shown(f['serial_bound_cu'], '.3f')} | {f['cu_steady']:.3f} |")
+              f"{_shown(statistics.mean(queued) if queued else None, '.0%')} | "
+              f"{_shown(f['node_cycle_s'], '.1f')} | {f['compute_s_per_worker_round']:.1f} | "
+              f"{_shown(f['serial_bound_cu'], '.3f')} | {f['cu_steady']:.3f} |")
+
+
+def _shown(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def check_rounds(parser: argparse.ArgumentParser, args: argparse.Namespace,
@@ -442,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--supernode-poll", type=float, metavar="S",
                         help="start the SuperNodes as `fl-diloco supernode --poll-interval S` "
                              "(default: Flower's flower-supernode)")
+    parser.add_argument("--analyse-only", action="store_true",
+                        help="start nothing: read the runs an earlier bench left in --out-dir "
+                             "(e.g. with another --overhead-from)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "deployment-overlap")
     args = parser.parse_args(argv)
@@ -454,8 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     out_root = args.out_dir.resolve()
     state_dir = out_root / "deployment"
     env = deployment_env("FL_DILOCO_DEPLOYMENT_DIR", state_dir)
-    env["FLWR_LOG_LEVEL"] = "DEBUG"  # timestamps on the SuperNodes' lines (NodeLogs)
-    if args.supernode_poll is not None:
+    env["FLWR_LOG_LEVEL"] = "DEBUG"  # timestamps on the SuperNodes' lines (node_rounds)
+    if args.supernode_poll is not None and not args.analyse_only:
         if POLL_VARIABLE not in SCRIPT.read_text():
             reason = (f"--supernode-poll needs the short-poll SuperNode launcher (fl-diloco supernode, "
                       f"{POLL_VARIABLE} in {SCRIPT.relative_to(ROOT)}), which this tree does not have")
@@ -464,23 +474,30 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         env[POLL_VARIABLE] = f"{args.supernode_poll:g}"
 
-    subprocess.run([str(SCRIPT), "up", "--insecure", str(args.num_clients)], cwd=ROOT, env=env, check=True)
-    logs = NodeLogs(state_dir, args.num_clients)
-    try:
-        runs = {}
-        for variant in variants:
-            before = os.getloadavg()[0]
-            logs.mark()
-            summary, rows = submit_run(CONNECTION, out_root / variant.name,
-                                       {**base_run_config(args), "model": args.model,
-                                        "inner_steps": args.inner_steps, **variant.run_config()},
-                                       env, args.timeout)
-            measured = measure(summary, rows)
-            nodes = logs.since_mark(startup_rounds(variant.staleness, variant.fragments) + 1)
-            runs[variant.name] = (summary, {**measured, **serial_bound(measured, nodes)},
-                                  [round(before, 2), round(os.getloadavg()[0], 2)])
-    finally:
-        subprocess.run([str(SCRIPT), "down"], cwd=ROOT, env=env, check=False)
+    if not args.analyse_only:
+        subprocess.run([str(SCRIPT), "up", "--insecure", str(args.num_clients)], cwd=ROOT, env=env, check=True)
+        try:
+            for variant in variants:
+                before = os.getloadavg()[0]
+                submit_run(CONNECTION, out_root / variant.name,
+                           {**base_run_config(args), "model": args.model, "inner_steps": args.inner_steps,
+                            **variant.run_config()}, env, args.timeout)
+                (out_root / variant.name / LOAD_NAME).write_text(
+                    json.dumps([round(before, 2), round(os.getloadavg()[0], 2)]))
+        finally:
+            subprocess.run([str(SCRIPT), "down"], cwd=ROOT, env=env, check=False)
+
+    node_logs = node_runs(state_dir, args.num_clients)  # `up` started the logs afresh
+    if len(node_logs) != len(variants):
+        raise SystemExit(f"{state_dir} has SuperNode logs of {len(node_logs)} runs, not of the "
+                         f"{len(variants)} --methods names, in that order")
+    runs = {}
+    for variant, nodes in zip(variants, node_logs):
+        summary, rows, load = read_run(out_root / variant.name)
+        measured = measure(summary, rows)
+        first_steady = startup_rounds(variant.staleness, variant.fragments) + 1
+        services = [node_service(rounds, first_steady) for rounds in nodes]
+        runs[variant.name] = (summary, {**measured, **serial_bound(measured, services)}, load)
 
     source = f"--overhead-from {args.overhead_from}" if overhead is not None else \
         "idle per worker-round of the diloco run, steady rounds"
@@ -496,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nM={args.num_clients}, model {args.model}, H={args.inner_steps}, {args.rounds} outer "
           f"steps, real SuperLink + SuperNodes ({poll}) over loopback (no rate limit)")
     print(f"per-round deployment overhead O = {overhead:.2f} s ({source}); planner: star, "
-          f"unlimited bandwidth, latency O/2 per hop, step time measured in each run\n")
+          f"unlimited bandwidth, latency O/2 per hop, step time of each run's steady rounds\n")
     print_table(figures)
     print()
     print_node_table(figures)

@@ -57,9 +57,9 @@ link) and pass
     latency_s = one-way link delay + per-round overhead / sync_hops(workload)
 
 (``fl-diloco plan --sync-overhead O``, or ``--overhead-from FILE`` with the O a deployment
-bench printed or a `diloco` run's summary.json: ``overhead_from_file``). A blocking method pays it in full every sync; eager
-hides it as long as the whole sync (transfers plus overhead) fits in its d·H steps of
-overlap. That is also what Flower does: with d·P rounds in flight (strategies/fragments.py,
+bench printed or a `diloco` run's summary.json: ``overhead_from_file``). A blocking method
+pays it in full every sync; eager hides it as long as the whole sync (transfers plus
+overhead) fits in its d·H steps of overlap. That is also what Flower does: with d·P rounds in flight (strategies/fragments.py,
 one for `eager` d = 1, P = 1) the next round's request goes out only when a round closes,
 so a sync's latency is not pipelined away behind the next one, exactly as modelled below.
 Not modelled: a Flower 1.41 SuperNode serves one message at a time (it pulls the next only

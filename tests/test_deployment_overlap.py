@@ -39,7 +39,9 @@ def _serial_log() -> str:
 
 
 def test_a_serial_node_holds_one_round_and_its_cycle_is_push_pull_and_start():
-    rounds = bench.node_rounds(_serial_log())
+    runs = bench.node_rounds(_serial_log())
+    assert list(runs) == ["7"]
+    rounds = runs["7"]
     assert sorted(rounds) == [1, 2, 3]  # the prepare and shutdown queries are no rounds
     assert rounds[2]["received_from"] - rounds[1]["sent"] == pytest.approx(0.1, abs=2e-3)
     service = bench.node_service(rounds, first_steady=2)
@@ -50,7 +52,7 @@ def test_a_serial_node_holds_one_round_and_its_cycle_is_push_pull_and_start():
 def test_a_node_that_took_a_round_before_replying_to_the_last_holds_two():
     first, _ = _serve(0.0, "[RUN 7, ROUND 1]", work=10.0)
     second, _ = _serve(5.0, "[RUN 7, ROUND 2]")
-    rounds = bench.node_rounds("\n".join(first[:4] + second[:4] + first[4:] + second[4:]))
+    rounds = bench.node_rounds("\n".join(first[:4] + second[:4] + first[4:] + second[4:]))["7"]
     assert bench.node_service(rounds, first_steady=2)["held_at_once"] == 2
 
 
@@ -73,3 +75,16 @@ def test_variants_and_the_rounds_they_need():
     for bad in ("dp", "eager-p0", "diloco,diloco", ""):
         with pytest.raises(Exception, match="--methods|each method"):
             bench.parse_variants(bad)
+
+
+def test_each_runs_rounds_come_apart_by_flower_run_id(tmp_path):
+    """One deployment serves the bench's runs one after the other; node_runs splits each node's
+    log by run, in the order the runs came."""
+    for node in (0, 1):
+        lines = []
+        for run, start in (("900", 0.0), ("35", 20.0)):
+            lines += _serve(start, f"[RUN {run}, ROUND 1]")[0]
+        (tmp_path / f"supernode-{node}.log").write_text("\n".join(lines))
+    runs = bench.node_runs(tmp_path, 2)
+    assert len(runs) == 2 and all(len(nodes) == 2 for nodes in runs)
+    assert runs[0][1][1]["received_from"] < runs[1][0][1]["received_from"]

@@ -522,8 +522,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{f['steady_rounds']} steady of {f['flower_rounds']} Flower rounds, final eval loss "
               f"{f['final_eval_loss']:.4f}, 1-minute load average before/after {f['load_average']} "
               f"(2 shared cores)")
-    print("diloco's prediction uses O from its own run (a check of the arithmetic); the others' "
-          "are predictions from that O")
+        if f["serial_bound_cu"] is not None and f["serial_bound_cu"] < 1:
+            steps = math.ceil(f["node_cycle_s"] / f["steady_step_time_s"])
+            print(f"  {name}: a node's cycle S = {f['node_cycle_s']:.1f} s is longer than a round's "
+                  f"compute; fewer, larger rounds hide it: H/P >= {steps} steps, i.e. H >= "
+                  f"{steps * f['fragments']} at P = {f['fragments']}")
+    if args.overhead_from is None:
+        print("diloco's prediction uses O from its own run (a check of the arithmetic); the others' "
+              "are predictions from that O")
     gain = overlap_gain(figures) if {"diloco", "eager"} <= figures.keys() else None
     if gain:
         print_overlap_gain(gain)

@@ -325,7 +325,8 @@ def node_service(rounds: dict[int, dict[str, float]], first_steady: int) -> dict
     sooner. queued: rounds whose message the node pulled within 0.5 s of sending the last
     reply, i.e. it was waiting at the SuperLink while the node was busy.
     """
-    spans = sorted((t["received_from"], t["sent"]) for t in rounds.values() if {"received_from", "sent"} <= t.keys())
+    spans = sorted((t["received_from"], t["sent"]) for t in rounds.values()
+                   if {"received_from", "sent"} <= t.keys())
     held = max((sum(1 for s, e in spans if s <= start < e) for start, _ in spans), default=0)
     cycles, queued, steady = [], 0, 0
     for r, t in sorted(rounds.items()):
@@ -355,10 +356,9 @@ def serial_bound(measured: dict, services: list[dict]) -> dict[str, Any]:
     cycles = [s["cycle_s"] for s in services if s["cycle_s"] is not None]
     cycle = statistics.median(cycles) if cycles else None
     work = measured["compute_s_per_worker_round"]
+    pipelined = cycle is not None and measured["rounds_in_flight"] > 1
     return {"nodes": services, "node_held_at_once": max((s["held_at_once"] for s in services), default=0),
-            "node_cycle_s": cycle,
-            "serial_bound_cu": work / max(work, cycle) if cycle is not None and measured["rounds_in_flight"] > 1
-            else None}
+            "node_cycle_s": cycle, "serial_bound_cu": work / max(work, cycle) if pipelined else None}
 
 
 def overlap_gain(figures: dict[str, dict]) -> dict[str, float]:

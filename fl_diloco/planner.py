@@ -59,9 +59,10 @@ link) and pass
 (``fl-diloco plan --sync-overhead O``, or ``--overhead-from FILE`` with the O a deployment
 bench printed or a `diloco` run's summary.json: ``overhead_from_file``). A blocking method
 pays it in full every sync; eager hides it as long as the whole sync (transfers plus
-overhead) fits in its d·H steps of overlap. That is also what Flower does: with d·P rounds in flight (strategies/fragments.py,
-one for `eager` d = 1, P = 1) the next round's request goes out only when a round closes,
-so a sync's latency is not pipelined away behind the next one, exactly as modelled below.
+overhead) fits in its d·H steps of overlap. That is also what Flower does: with d·P rounds
+in flight (strategies/fragments.py, one for `eager` d = 1, P = 1) the next round's request
+goes out only when a round closes, so a sync's latency is not pipelined away behind the
+next one, exactly as modelled below.
 Not modelled: a Flower 1.41 SuperNode serves one message at a time (it pulls the next only
 after pushing its reply to the last), so with d·P >= 2 rounds in flight a worker gets round
 r's message only one node cycle (push, pull, ClientApp start) after its round r - 1 sync, and
@@ -163,7 +164,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fl_diloco.config import FRAGMENT_PATTERNS, MODEL_ALIASES, staleness
+from fl_diloco.config import FRAGMENT_PATTERNS, MODEL_ALIASES
+from fl_diloco.config import staleness as staleness_of
 from fl_diloco.config import WIRE_PRECISIONS as PRECISIONS
 from fl_diloco.flops import TRAINING_FLOPS_PER_PARAM
 from fl_diloco.reporting import METRICS_NAME, format_bytes
@@ -187,9 +189,9 @@ __all__ = [
     "plan_table",
     "plot_cu_vs_bandwidth",
     "predict",
-    "step_time_from_flops",
     "startup_rounds",
     "steady_rows",
+    "step_time_from_flops",
     "step_time_from_run",
     "sync_hops",
     "traffic_per_sync",
@@ -276,7 +278,7 @@ def steady_rows(summary: dict, rows: list[dict]) -> list[dict]:
     """The metrics.jsonl rows of a run's steady rounds (`startup_rounds` left out)."""
     config = summary["config"]
     fragments = config["fragments"] if config.get("streaming") else 1
-    skip = startup_rounds(staleness(summary["algorithm"], config["delay"]), fragments)
+    skip = startup_rounds(staleness_of(summary["algorithm"], config["delay"]), fragments)
     return [row for row in rows if row.get("round", 0) > skip and row.get("clients")]
 
 
@@ -292,11 +294,11 @@ def overhead_from_run(summary_path: Path, summary: dict) -> float:
     On an unshaped link a blocking worker waits exactly the deployment's own overhead each
     round, so its idle time is O; an overlapping run's idle time is what overlap left of it.
     """
-    config = summary["config"]
+    config, variant = summary["config"], summary.get("variant", summary["algorithm"])
     if summary["algorithm"] != "diloco" or config.get("overlap_steps", 0):
-        raise ValueError(f"--overhead-from: {summary_path} is a run that overlaps its syncs "
-                         f"({summary.get('variant', summary['algorithm'])}), whose idle time is "
-                         f"what overlap left of the overhead; give a diloco run's summary.json")
+        raise ValueError(f"--overhead-from: {summary_path} is a {variant} run; only a blocking "
+                         f"diloco run waits out the whole overhead every round (overlap hides part "
+                         f"of it), so give a diloco run's summary.json")
     metrics = summary_path.with_name(METRICS_NAME)
     if not metrics.is_file():
         raise ValueError(f"--overhead-from: {metrics} does not exist; the per-round overhead is "
@@ -962,8 +964,9 @@ def main(argv: list[str] | None = None) -> int:
         latency += overhead / sync_hops(workload)
     print(_describe(workload, methods, latency))
     if overhead:
+        measured = f"; overhead measured by the {source}" if source else ""
         print(f"(latency = {args.latency:g} s link delay + {overhead:.4g} s per-sync "
-              f"overhead / {sync_hops(workload)} hops{f'; overhead measured by the {source}' if source else ''})")
+              f"overhead / {sync_hops(workload)} hops{measured})")
     print()
     print(plan_table(workload, methods, targets, latency, args.bandwidth, args.steps))
     if args.plot:

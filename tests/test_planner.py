@@ -372,8 +372,8 @@ def test_overhead_from_a_diloco_run_is_its_steady_idle_per_worker_round(tmp_path
     ("skipped bench", "is a bench that skipped (no root)"),
     ("other json", "has neither round_overhead_s"),
     ("negative", "not a number of seconds >= 0"),
-    ("eager run", "whose idle time is what overlap left of the overhead"),
-    ("overlapping streaming run", "whose idle time is what overlap left of the overhead"),
+    ("eager run", "is a eager run; only a blocking diloco run waits out the whole overhead"),
+    ("overlapping streaming run", "only a blocking diloco run waits out the whole overhead"),
     ("run without metrics", "metrics.jsonl does not exist"),
     ("run of start-up rounds only", "has no round after the first 2"),
 ])

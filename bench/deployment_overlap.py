@@ -460,7 +460,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.overhead_from is None and Variant("diloco") not in variants:
         parser.error("--methods must include diloco, whose idle time is the overhead O, "
                      "or give --overhead-from")
-    overhead = overhead_from_file(args.overhead_from)[0] if args.overhead_from else None
+    if args.overhead_from is not None:  # read before anything runs, so a bad file costs nothing
+        try:
+            overhead, source = overhead_from_file(args.overhead_from)
+        except ValueError as err:
+            parser.error(str(err))
     out_root = args.out_dir.resolve()
     state_dir = out_root / "deployment"
     env = deployment_env("FL_DILOCO_DEPLOYMENT_DIR", state_dir)
@@ -499,10 +503,9 @@ def main(argv: list[str] | None = None) -> int:
         services = [node_service(rounds, first_steady) for rounds in nodes]
         runs[variant.name] = (summary, {**measured, **serial_bound(measured, services)}, load)
 
-    source = f"--overhead-from {args.overhead_from}" if overhead is not None else \
-        "idle per worker-round of the diloco run, steady rounds"
-    if overhead is None:
+    if args.overhead_from is None:
         overhead = round_overhead(runs["diloco"][1])
+        source = "idle per worker-round of the diloco run, steady rounds"
     figures = {}
     for name, (summary, measured, load) in runs.items():
         prediction = predict_run(summary, measured, math.inf, 0.0, overhead)
@@ -536,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"benchmark": "deployment_overlap", "link": "loopback, unshaped",
                       "supernode": poll, "model": args.model,
                       "num_clients": args.num_clients, "inner_steps": args.inner_steps,
-                      "rounds": args.rounds, "round_overhead_s": overhead, "variants": figures,
+                      "rounds": args.rounds, "round_overhead_s": overhead,
+                      "round_overhead_source": source, "variants": figures,
                       "overlap_gain": gain}))
     return 0
 

@@ -62,7 +62,6 @@ from deployment_overlap import (  # noqa: E402  (a sibling bench: its helpers, n
     print_overlap_gain,
     print_table,
     round_overhead,
-    run_staleness,
     submit_run,
 )
 
@@ -100,7 +99,7 @@ def measure_step_time(args: argparse.Namespace, out_root: Path, env: dict) -> fl
     config = {**base_run_config(args), "algorithm": "diloco", "inner_steps": 5, "rounds": 3,
               "eval_every": 3}
     summary, rows = submit_run(CONNECTION, out_root / "step-time", config, env, args.timeout)
-    return measure(summary, rows, staleness=0)["step_time_s"]
+    return measure(summary, rows)["step_time_s"]
 
 
 def run_measured(algorithm: str, name: str, inner_steps: int, args: argparse.Namespace,
@@ -109,7 +108,7 @@ def run_measured(algorithm: str, name: str, inner_steps: int, args: argparse.Nam
     before = os.getloadavg()[0]
     summary, rows = submit_run(CONNECTION, out_root / name, {**base_run_config(args), "algorithm": algorithm,
                                                              "inner_steps": inner_steps}, env, args.timeout)
-    return {"summary": summary, "measured": measure(summary, rows, run_staleness(summary)),
+    return {"summary": summary, "measured": measure(summary, rows),
             "load_average": [round(before, 2), round(os.getloadavg()[0], 2)]}
 
 
@@ -170,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = {}
     for algorithm, run in runs.items():
         summary, measured = run["summary"], run["measured"]
-        prediction = predict_run(algorithm, summary, measured, rate / 1000, delay_s, overhead)
+        prediction = predict_run(summary, measured, rate / 1000, delay_s, overhead)
         link_s = sync_link_seconds(params, precision, rate, delay_s, overhead)
         figures[algorithm] = {**compare(measured, prediction), "link_s_per_sync": link_s,
                               "link_over_phase": link_s / measured["phase_s"],

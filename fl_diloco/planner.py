@@ -13,6 +13,7 @@ Read top to bottom:
     bits_per_value()          -- bits one value costs on the wire (fp4 block scales included)
     step_time_from_flops()    -- 6·N·tokens / (MFU · peak FLOP/s)
     step_time_from_run()      -- T as a run measured it (its summary.json)
+    overhead_from_file()      -- O, the per-round overhead a deployment measured
     Workload                  -- the model, the run and the wire (validated on construction)
     workload_from_preset()    -- a Workload for fl_diloco.model.PRESETS[name]
     Method, parse_method()    -- "dp", "diloco", "streaming", "-inner<τ>", "-eager<d>"
@@ -55,11 +56,17 @@ link) and pass
 
     latency_s = one-way link delay + per-round overhead / sync_hops(workload)
 
-(``fl-diloco plan --sync-overhead``). A blocking method pays it in full every sync; eager
-hides it as long as the whole sync (transfers plus overhead) fits in its d·H steps of
-overlap. That is also what Flower does: with d·P rounds in flight (strategies/fragments.py,
-one for `eager` d = 1, P = 1) the next round's request goes out only when a round closes,
-so a sync's latency is not pipelined away behind the next one, exactly as modelled below.
+(``fl-diloco plan --sync-overhead O``, or ``--overhead-from FILE`` with the O a deployment
+bench printed or a `diloco` run's summary.json: ``overhead_from_file``). A blocking method
+pays it in full every sync; eager hides it as long as the whole sync (transfers plus
+overhead) fits in its d·H steps of overlap. That is also what Flower does: with d·P rounds
+in flight (strategies/fragments.py, one for `eager` d = 1, P = 1) the next round's request
+goes out only when a round closes, so a sync's latency is not pipelined away behind the
+next one, exactly as modelled below.
+Not modelled: a Flower 1.41 SuperNode serves one message at a time (it pulls the next only
+after pushing its reply to the last), so with d·P >= 2 rounds in flight a worker gets round
+r's message only one node cycle (push, pull, ClientApp start) after its round r - 1 sync, and
+eager also needs that cycle to fit in H/P steps (bench/deployment_overlap.py measures it).
 
 Timeline inside one inner step of length T (the accelerator's view): the forward pass takes
 1/3 of T and the backward pass 2/3 (6·N FLOPs per token = 2·N forward + 4·N backward), both
@@ -158,9 +165,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fl_diloco.config import FRAGMENT_PATTERNS, MODEL_ALIASES
+from fl_diloco.config import staleness as staleness_of
 from fl_diloco.config import WIRE_PRECISIONS as PRECISIONS
 from fl_diloco.flops import TRAINING_FLOPS_PER_PARAM
-from fl_diloco.reporting import format_bytes
+from fl_diloco.reporting import METRICS_NAME, format_bytes
 from strategies.codecs import FP4_BLOCK_SIZE
 from strategies.fragments import fragment_blocks, level_quotas
 
@@ -173,12 +181,16 @@ __all__ = [
     "Workload",
     "bandwidth_for_cu",
     "bits_per_value",
+    "idle_per_worker_round",
     "link_costs",
     "main",
+    "overhead_from_file",
     "parse_method",
     "plan_table",
     "plot_cu_vs_bandwidth",
     "predict",
+    "startup_rounds",
+    "steady_rows",
     "step_time_from_flops",
     "step_time_from_run",
     "sync_hops",
@@ -245,6 +257,98 @@ def step_time_from_run(run_dir: str) -> tuple[float, dict]:
                          f"older fl-diloco); give --step-time instead")
     config = summary["config"]
     return config["batch_size"] * config["seq_len"] / rate, config
+
+
+# --------------------------------------------------------------------------------------
+# The per-round overhead a deployment measured
+# --------------------------------------------------------------------------------------
+
+
+def startup_rounds(staleness: int, fragments: int) -> int:
+    """Flower rounds at the start of a deployed run that are not yet its steady state.
+
+    Round 1 never waits; the next 1 + d·P wait for averages whose requests went out only
+    after the ServerApp's start-up (it evaluates θ(0) and Flower starts the first ClientApps
+    while the workers already train). Every later round is H/P steps plus one wait.
+    """
+    return 2 + staleness * fragments
+
+
+def steady_rows(summary: dict, rows: list[dict]) -> list[dict]:
+    """The metrics.jsonl rows of a run's steady rounds (`startup_rounds` left out)."""
+    config = summary["config"]
+    fragments = config["fragments"] if config.get("streaming") else 1
+    skip = startup_rounds(staleness_of(summary["algorithm"], config["delay"]), fragments)
+    return [row for row in rows if row.get("round", 0) > skip and row.get("clients")]
+
+
+def idle_per_worker_round(rows: list[dict]) -> float:
+    """Mean idle seconds of one worker in one of these rounds."""
+    worker_rounds = [client["idle_seconds"] for row in rows for client in row["clients"]]
+    return sum(worker_rounds) / max(1, len(worker_rounds))
+
+
+def overhead_from_run(summary_path: Path, summary: dict) -> float:
+    """O from a finished blocking run: its workers' mean idle seconds per steady round.
+
+    On an unshaped link a blocking worker waits exactly the deployment's own overhead each
+    round, so its idle time is O; an overlapping run's idle time is what overlap left of it.
+    """
+    config, variant = summary["config"], summary.get("variant", summary["algorithm"])
+    if summary["algorithm"] != "diloco" or config.get("overlap_steps", 0):
+        raise ValueError(f"--overhead-from: {summary_path} is a {variant} run; only a blocking "
+                         f"diloco run waits out the whole overhead every round (overlap hides part "
+                         f"of it), so give a diloco run's summary.json")
+    metrics = summary_path.with_name(METRICS_NAME)
+    if not metrics.is_file():
+        raise ValueError(f"--overhead-from: {metrics} does not exist; the per-round overhead is "
+                         f"read from the run's rounds, next to its {summary_path.name}")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    steady = steady_rows(summary, rows)
+    if not steady:
+        raise ValueError(f"--overhead-from: {metrics} has no round after the first "
+                         f"{startup_rounds(0, 1)} (start-up); give a run of more rounds")
+    return idle_per_worker_round(steady)
+
+
+def overhead_from_file(path: str) -> tuple[float, str]:
+    """The per-round overhead O (s) a file holds, and where it came from.
+
+    The file is a deployment bench's output (its last line, a JSON object with
+    `round_overhead_s`; the whole saved stdout also works) or a run's summary.json
+    (`overhead_from_run`, from the metrics.jsonl beside it).
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--overhead-from: {file} does not exist; give a deployment bench's "
+                         f"saved output or a diloco run's summary.json")
+    lines = [line for line in file.read_text().splitlines() if line.strip()]
+    try:
+        found = json.loads("\n".join(lines))  # a JSON file (summary.json) ...
+    except json.JSONDecodeError:
+        try:  # ... or a bench's stdout, whose last line is its figures
+            found = json.loads(lines[-1]) if lines else None
+        except json.JSONDecodeError:
+            found = None
+    if not isinstance(found, dict):
+        raise ValueError(f"--overhead-from: {file} holds no JSON object (nor ends with one); give "
+                         f"a deployment bench's last output line or a run's summary.json")
+    if "skipped" in found:
+        raise ValueError(f"--overhead-from: {file} is a bench that skipped ({found['skipped']}); "
+                         f"it measured nothing")
+    if "round_overhead_s" in found:
+        overhead = found["round_overhead_s"]
+        source = f"{found.get('benchmark', 'bench')} output {file}"
+    elif {"algorithm", "idle_seconds", "config"} <= found.keys():
+        overhead = overhead_from_run(file, found)
+        source = f"{found['algorithm']} run {file}"
+    else:
+        raise ValueError(f"--overhead-from: {file} has neither round_overhead_s (a deployment "
+                         f"bench's output) nor a run summary's idle_seconds")
+    if not (isinstance(overhead, (int, float)) and math.isfinite(overhead) and overhead >= 0):
+        raise ValueError(f"--overhead-from: {file} gives a per-round overhead of {overhead!r}, "
+                         f"not a number of seconds >= 0")
+    return float(overhead), source
 
 
 def _require(ok: bool, name: str, what: str, value: object) -> None:
@@ -709,6 +813,11 @@ def _build_parser() -> argparse.ArgumentParser:
                         "deployment's per-round overhead (several s; "
                         "docs/algorithms.md#flower-constraints); added to the "
                         "latency as overhead / hops per sync (default 0)")
+    n.add_argument("--overhead-from", metavar="FILE",
+                   help="--sync-overhead as a deployment measured it: a deployment bench's "
+                        "output (its last line, saved to FILE: bench/deployment_overlap.py "
+                        "... | tail -n 1 > FILE) or a diloco run's summary.json (its workers' "
+                        "idle seconds per steady round)")
     n.add_argument("--bandwidth", type=_POS_FLOAT, help="Gbit/s: add CU and wall-time columns")
     n.add_argument("--steps", type=_POS_INT,
                    help="inner steps for the wall-time column (default H)")
@@ -836,17 +945,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fl-diloco plan: error: {err}", file=sys.stderr)
         return 2
 
-    latency = args.latency
-    if args.sync_overhead:
+    latency, overhead, source = args.latency, args.sync_overhead, None
+    if args.overhead_from is not None:
+        if overhead:
+            print("fl-diloco plan: error: give --sync-overhead or --overhead-from, not both",
+                  file=sys.stderr)
+            return 2
+        try:
+            overhead, source = overhead_from_file(args.overhead_from)
+        except ValueError as err:
+            print(f"fl-diloco plan: error: {err}", file=sys.stderr)
+            return 2
+    if overhead:
         if sync_hops(workload) == 0:
-            print("fl-diloco plan: error: --sync-overhead needs communication (M >= 2 on a "
+            print("fl-diloco plan: error: a per-sync overhead needs communication (M >= 2 on a "
                   "ring, or --topology star)", file=sys.stderr)
             return 2
-        latency += args.sync_overhead / sync_hops(workload)
+        latency += overhead / sync_hops(workload)
     print(_describe(workload, methods, latency))
-    if args.sync_overhead:
-        print(f"(latency = {args.latency:g} s link delay + {args.sync_overhead:g} s per-sync "
-              f"overhead / {sync_hops(workload)} hops)")
+    if overhead:
+        measured = f"; overhead measured by the {source}" if source else ""
+        print(f"(latency = {args.latency:g} s link delay + {overhead:.4g} s per-sync "
+              f"overhead / {sync_hops(workload)} hops{measured})")
     print()
     print(plan_table(workload, methods, targets, latency, args.bandwidth, args.steps))
     if args.plot:

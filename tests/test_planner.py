@@ -16,6 +16,7 @@ from fl_diloco.planner import (
     bandwidth_for_cu,
     bits_per_value,
     main,
+    overhead_from_file,
     parse_method,
     predict,
     step_time_from_flops,
@@ -312,3 +313,97 @@ def test_plan_paper_mode_command(model, capsys):
     out = capsys.readouterr().out
     assert "| streaming-eager1 | fp4 |" in out and {"10b": "L = 48", "100b": "L = 108"}[model] in out
     assert main(["--mode", "paper", "--model", "7b"]) == 2
+
+
+# --overhead-from: the per-round overhead O a deployment measured, as --sync-overhead takes it.
+PLAN_STAR = ["--model", "tiny-1m", "--step-time", "0.15", "--inner-steps", "64", "--topology", "star",
+             "--methods", "diloco,diloco-eager1,streaming", "--fragments", "2", "--bandwidth", "1"]
+
+
+def _diloco_run(folder, idle_by_round, algorithm="diloco", **config):
+    """A finished run's summary.json and metrics.jsonl: two workers, these idle seconds per round."""
+    folder.mkdir()
+    config = {"delay": 1, "streaming": False, "fragments": 1, "overlap_steps": 0, **config}
+    summary = {"algorithm": algorithm, "idle_seconds": 2 * sum(idle_by_round), "config": config}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    rows = [{"round": 0, "eval_loss": 8.0}] + [
+        {"round": r, "clients": [{"idle_seconds": idle, "compute_seconds": 9.0}] * 2}
+        for r, idle in enumerate(idle_by_round, start=1)]
+    (folder / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+    return folder / "summary.json"
+
+
+def _plan(capsys, *args):
+    code = main(PLAN_STAR + list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_overhead_from_a_bench_line_is_sync_overhead(tmp_path, capsys):
+    """The bench's saved stdout (table, then its JSON line) or that line alone: the same table
+    as --sync-overhead with the figure it holds."""
+    line = json.dumps({"benchmark": "deployment_overlap", "round_overhead_s": 8.5, "variants": {}})
+    stdout = tmp_path / "bench.txt"
+    stdout.write_text("| variant | ... |\n|---|\n\n" + line + "\n")
+    (tmp_path / "last.json").write_text(line)
+    _, given, _ = _plan(capsys, "--sync-overhead", "8.5")
+    for source in (stdout, tmp_path / "last.json"):
+        code, out, _ = _plan(capsys, "--overhead-from", str(source))
+        assert code == 0
+        assert out[out.index("| method"):] == given[given.index("| method"):]
+        assert f"8.5 s per-sync overhead / 2 hops; overhead measured by the deployment_overlap output {source}" in out
+
+
+def test_overhead_from_a_diloco_run_is_its_steady_idle_per_worker_round(tmp_path, capsys):
+    # Rounds 1-2 are start-up (fl_diloco.planner.startup_rounds) and left out: O = mean(6, 8).
+    summary = _diloco_run(tmp_path / "run", [0.0, 30.0, 6.0, 8.0])
+    code, out, _ = _plan(capsys, "--overhead-from", str(summary))
+    _, given, _ = _plan(capsys, "--sync-overhead", "7")
+    assert code == 0 and out[out.index("| method"):] == given[given.index("| method"):]
+    assert f"7 s per-sync overhead / 2 hops; overhead measured by the diloco run {summary}" in out
+    # Streaming diloco: one wait per Flower round, the same start-up rounds.
+    streaming = _diloco_run(tmp_path / "streaming", [0.0, 30.0, 5.0, 6.0], streaming=True, fragments=2)
+    assert overhead_from_file(str(streaming)) == (5.5, f"diloco run {streaming}")
+
+
+@pytest.mark.parametrize("case, error", [
+    ("missing", "does not exist"),
+    ("not json", "holds no JSON object"),
+    ("skipped bench", "is a bench that skipped (no root)"),
+    ("other json", "has neither round_overhead_s"),
+    ("negative", "not a number of seconds >= 0"),
+    ("eager run", "is a eager run; only a blocking diloco run waits out the whole overhead"),
+    ("overlapping streaming run", "only a blocking diloco run waits out the whole overhead"),
+    ("run without metrics", "metrics.jsonl does not exist"),
+    ("run of start-up rounds only", "has no round after the first 2"),
+])
+def test_overhead_from_refuses_files_without_the_figure(tmp_path, capsys, case, error):
+    path = tmp_path / "input.json"
+    if case == "not json":
+        path.write_text("| method | payload |\nno figures here\n")
+    elif case == "skipped bench":
+        path.write_text(json.dumps({"benchmark": "rate_limited_links", "skipped": "no root"}))
+    elif case == "other json":
+        path.write_text(json.dumps({"benchmark": "planner_vs_paper", "cells": []}))
+    elif case == "negative":
+        path.write_text(json.dumps({"round_overhead_s": -1.0}))
+    elif case == "eager run":
+        path = _diloco_run(tmp_path / "run", [0.0, 9.0, 1.0, 1.0], algorithm="eager")
+    elif case == "overlapping streaming run":
+        path = _diloco_run(tmp_path / "run", [0.0, 9.0, 1.0, 1.0], streaming=True, fragments=2,
+                           overlap_steps=1)
+    elif case == "run without metrics":
+        path = _diloco_run(tmp_path / "run", [0.0, 9.0, 7.0])
+        (tmp_path / "run" / "metrics.jsonl").unlink()
+    elif case == "run of start-up rounds only":
+        path = _diloco_run(tmp_path / "run", [0.0, 9.0])
+    code, out, err = _plan(capsys, "--overhead-from", str(path))
+    assert code == 2 and out == ""
+    assert err.startswith("fl-diloco plan: error: --overhead-from: ") and error in err
+
+
+def test_overhead_from_excludes_sync_overhead(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"round_overhead_s": 8.5}))
+    code, _, err = _plan(capsys, "--overhead-from", str(path), "--sync-overhead", "3")
+    assert code == 2 and "--sync-overhead or --overhead-from, not both" in err

@@ -10,12 +10,18 @@ before any pickle is read. Two locks keep other local users out:
   without following symbolic links (the temp folder it sits in is shared by every user);
 - the shared key is in a 0600 file inside it, so even a user who could reach the socket
   cannot pass the challenge, drive the worker or read its tensors.
+
+Requests and replies carry whole models, so their arrays cross out of band (`send_message`):
+written to the socket from where they lie and read into a buffer of their own on the other
+side, never copied into or out of a pickle.
 """
 
 from __future__ import annotations
 
 import fcntl
+import io
 import os
+import pickle
 import pwd
 import secrets
 import stat
@@ -31,6 +37,10 @@ from multiprocessing.connection import Client, Connection
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from fl_diloco import round_events
+
 SOCKET_NAME = "worker.sock"
 KEY_NAME = "authkey"
 LOG_NAME = "worker.log"
@@ -42,6 +52,45 @@ LOG_TAIL_BYTES = 16384  # enough for the last lines of a log, even with a traceb
 
 class WorkerError(RuntimeError):
     """The worker process failed, could not be started, or did not answer in time."""
+
+
+def _array_from(buffer: memoryview | bytearray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    # A read-only view of our own receive buffer (a sender's read-only array): the array gets
+    # the buffer itself, so it is writable like any other the receiver builds.
+    return np.frombuffer(buffer.obj if isinstance(buffer, memoryview) else buffer, dtype=dtype).reshape(shape)
+
+
+class _OutOfBandPickler(pickle.Pickler):
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, np.ndarray) and not obj.dtype.hasobject and obj.flags.c_contiguous:
+            return _array_from, (pickle.PickleBuffer(obj), obj.dtype.str, obj.shape)
+        return NotImplemented
+
+
+def send_message(conn: Connection, message: Any) -> None:
+    """Send `message`; its contiguous numpy arrays go out of band, straight from their memory."""
+    head, buffers = io.BytesIO(), []
+    _OutOfBandPickler(head, protocol=5, buffer_callback=buffers.append).dump(message)
+    raw = [buffer.raw() for buffer in buffers]
+    conn.send_bytes(pickle.dumps(([len(r) for r in raw], head.getvalue())))
+    for view in raw:
+        while view:
+            view = view[os.write(conn.fileno(), view):]
+
+
+def recv_message(conn: Connection) -> Any:
+    """Receive what `send_message` sent; each array is read into a buffer of its own."""
+    sizes, head = pickle.loads(conn.recv_bytes())
+    buffers = []
+    for size in sizes:
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        while view:
+            if not (got := os.readv(conn.fileno(), [view])):
+                raise EOFError("the channel closed in the middle of a message")
+            view = view[got:]
+        buffers.append(buffer)
+    return pickle.loads(head, buffers=buffers)
 
 
 RUNTIME_DIR_ENV = "FL_DILOCO_RUNTIME_DIR"
@@ -180,9 +229,9 @@ def tell_other_runs(run_id: int) -> None:
             continue
         try:
             with Client(socket_path, family="AF_UNIX", authkey=read_key(Path(entry.path) / KEY_NAME)) as conn:
-                conn.send({"kind": ANOTHER_RUN})
+                send_message(conn, {"kind": ANOTHER_RUN})
                 if conn.poll(5):
-                    conn.recv()
+                    recv_message(conn)
         except (OSError, EOFError, AuthenticationError, WorkerError):
             pass  # a dead worker's leftovers, or one that is busy: its idle timeout still holds
 
@@ -191,7 +240,7 @@ class WorkerHandle:
     """The adapter's side: start the node's worker if it is not running, then call it."""
 
     def __init__(self, run_id: int, node_id: int):
-        self.run_id = run_id
+        self.run_id, self.node_id = run_id, node_id
         self.directory = worker_dir(run_id, node_id)
         self.socket_path = str(self.directory / SOCKET_NAME)
         self.key = read_or_create_key(self.directory)
@@ -202,8 +251,8 @@ class WorkerHandle:
     def is_running(self) -> bool:
         try:
             with self._connect() as conn:
-                conn.send({"kind": "ping"})
-                return bool(conn.poll(10)) and conn.recv().get("ok", False)
+                send_message(conn, {"kind": "ping"})
+                return bool(conn.poll(10)) and recv_message(conn).get("ok", False)
         except (OSError, EOFError):
             return False
 
@@ -258,10 +307,13 @@ class WorkerHandle:
         """Send one request and wait up to `timeout` seconds for its reply."""
         try:
             with self._connect() as conn:
-                conn.send(request)
+                round_events.record("adapter_connected", request.get("round"), self.node_id)
+                send_message(conn, request)
+                round_events.record("request_sent", request.get("round"), self.node_id)
                 if not conn.poll(timeout):
                     raise WorkerError(f"worker did not answer '{request.get('kind')}' within {timeout:.0f}s")
-                reply = conn.recv()
+                reply = recv_message(conn)
+                round_events.record("reply_received", request.get("round"), self.node_id)
         except (OSError, EOFError) as err:
             raise WorkerError(f"lost the worker while waiting for '{request.get('kind')}': {err}; "
                               f"see {self.directory / LOG_NAME}") from err

@@ -47,6 +47,7 @@ from clients.site import (EAGER_STEP, LOAD_OPTIMIZER, LOAD_STATE, NOOP, OUTER_ST
                           SEND_DELTA, SET_FRAGMENT, STEP, RankSlice, ShardLayout, SiteGroup,
                           load_sharded_state, rank_device, sharded_eager_step, sharded_outer_gradient,
                           sharded_outer_step, start_site)
+from fl_diloco import round_events
 from fl_diloco.config import RunConfig, resolve_device
 from fl_diloco.data import BatchStream, Corpus, load_corpus
 from fl_diloco.flops import mfu
@@ -475,6 +476,8 @@ class Worker:
         if trainer.peak_flops.flops:  # Flower's metrics carry numbers only, never None
             metrics["mfu"] = mfu(tokens_per_second, trainer.flops_per_token, trainer.peak_flops.flops * ranks)
         reply = {"outer_gradient": wire, "metrics": metrics}
+        round_events.record("delta_ready", server_round, partition=self.partition[0],
+                            compute_seconds=meter.compute_seconds)
         with self._state:
             self._replies[server_round] = reply
             self._state.notify_all()
@@ -500,4 +503,5 @@ class Worker:
                     self.site.command(NOOP)  # the other ranks wait in a collective: keep it alive
             average = self._averages.pop(server_round)
         meter.idle_seconds += time.perf_counter() - began
+        round_events.record("average_taken", server_round, partition=self.partition[0])
         return average

@@ -20,8 +20,9 @@ import time
 from multiprocessing.connection import Listener
 from pathlib import Path
 
-from clients.channel import ANOTHER_RUN, KEY_NAME, PID_NAME, SOCKET_NAME
+from clients.channel import ANOTHER_RUN, KEY_NAME, PID_NAME, SOCKET_NAME, recv_message, send_message
 from clients.worker import Worker
+from fl_diloco import round_events
 
 
 def _pid_alive(pid: int) -> bool:
@@ -89,12 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         # round's request may already be delivering the average that loop needs.
         with conn:
             try:
-                request = conn.recv()
+                request = recv_message(conn)
             except EOFError:
                 return
+            if request.get("kind") == "train":
+                round_events.record("worker_received", request.get("round"), partition=request.get("partition_id"))
             if request.get("kind") == ANOTHER_RUN:  # news, not a request of our own run
                 another_run.set()
-                conn.send({"ok": True})
+                send_message(conn, {"ok": True})
                 return
             with counter:
                 open_requests[0] += 1
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 reply = worker.handle(request)
                 try:
-                    conn.send(reply)
+                    send_message(conn, reply)
                 except OSError as err:
                     print(f"could not send the reply to '{request.get('kind')}': {err}", flush=True)
             finally:

@@ -4,6 +4,8 @@ In deployment Flower starts a fresh ClientApp process for every message and ends
 the reply (docs/algorithms.md#flower-constraints), so nothing that must survive a round can
 live here. This adapter finds (or starts) the node's worker process, hands it the round's
 message, and turns its answer into the reply. Simulation and deployment take exactly this path.
+It passes the message's arrays on as views of the bytes Flower received (strategies.wire), and
+the channel sends them to the worker out of band, so the payload is not copied here.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.channel import WorkerHandle
+from fl_diloco import round_events
 from fl_diloco.config import RunConfig
 from fl_diloco.console import quiet_actor_shutdown
 from strategies.protocol import (AGGREGATE_KEY, CONFIG_KEY, METRICS_KEY, MOMENTUM_KEY, NEEDS_STATE_METRIC,
                                 OUTER_GRADIENT_KEY, PARAMS_KEY)
-from strategies.wire import from_array_record, to_array_record
+from strategies.wire import array_views, to_array_record
 
 PREPARE_ACTION = "prepare"
 # The run config the server resolved, sent with every prepare (see server_app.prepare_content).
@@ -37,19 +40,19 @@ def train_request_fields(content: RecordDict) -> dict[str, Any]:
     config = content[CONFIG_KEY]
     return {"round": int(config["round"]), "aggregate_round": int(config["aggregate_round"]),
             "counted": bool(config["counted"]), "participants": int(config.get("participants", 0)),
-            "aggregate": from_array_record(content[AGGREGATE_KEY])
+            "aggregate": array_views(content[AGGREGATE_KEY])
             if AGGREGATE_KEY in content.array_records else None}
 
 
 def prepare_request_fields(content: RecordDict) -> dict[str, Any]:
     """The state a prepare message gives the worker (strategies.diloco.DiLoCo.worker_state)."""
-    fields: dict[str, Any] = {"params": from_array_record(content[PARAMS_KEY])}
+    fields: dict[str, Any] = {"params": array_views(content[PARAMS_KEY])}
     if CONFIG_KEY in content.config_records:
         config = content[CONFIG_KEY]
         rounds = [int(r) for r in config["pending_rounds"]]
         fields["start_round"] = int(config["start_round"])
-        fields["momentum"] = from_array_record(content[MOMENTUM_KEY])
-        fields["pending"] = {r: (from_array_record(content[f"{AGGREGATE_KEY}.{r}"]), int(m))
+        fields["momentum"] = array_views(content[MOMENTUM_KEY])
+        fields["pending"] = {r: (array_views(content[f"{AGGREGATE_KEY}.{r}"]), int(m))
                              for r, m in zip(rounds, config["pending_participants"], strict=True)}
     return fields
 
@@ -112,8 +115,16 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        server_round = int(msg.content[CONFIG_KEY]["round"])
+        if round_events.enabled():  # this process's start, and when Flower handed it the message
+            if (started := round_events.process_start_time()) is not None:
+                round_events.record("clientapp_started", server_round, context.node_id, t=started)
+            round_events.record("adapter_called", server_round, context.node_id,
+                                partition=_node_partition(context)[0])
         answer = call_worker(context, "train", **train_request_fields(msg.content))
-        return Message(content=train_reply_content(answer), reply_to=msg)
+        reply = Message(content=train_reply_content(answer), reply_to=msg)
+        round_events.record("adapter_replied", server_round, context.node_id)
+        return reply
 
     @app.query(SHUTDOWN_ACTION)
     def shutdown(msg: Message, context: Context) -> Message:

@@ -12,6 +12,7 @@ checkpoint, summary.json and the loss plot under the run's output directory.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import textwrap
 import time
@@ -23,12 +24,14 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.superlink.grid import InMemoryGrid
+from flwr.superlink.grid import InMemoryGrid, http_grid
+from flwr.supercore.inflatable import inflatable_utils
 from flwr.supercore import log
 
 from clients.channel import LOG_NAME, worker_dir_name, worker_log_tail
 from clients.progress import slowest_step
 from clients.worker import optimizer_state_dir, worker_threads
+from fl_diloco import round_events
 from fl_diloco.checkpoint import TrainingState, save_checkpoint, save_training_checkpoint
 from fl_diloco.client_app import PREPARE_ACTION, RUN_CONFIG_KEY, SHUTDOWN_ACTION
 from fl_diloco.config import ConfigError, RunConfig, resolve_device
@@ -61,22 +64,53 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
+# Seconds between the ServerApp's pulls for replies that have not come: a reply is noticed
+# within this of reaching the SuperLink, at one small request per open message per interval.
+# (Flower's own Grid.send_and_receive sleeps 3 s between pulls.)
+POLL_INTERVAL = 0.05
+
+
+# How soon the ServerApp's Grid retries a reply's objects that are not on the SuperLink yet.
+# The SuperLink hands out a reply as soon as the SuperNode announces it, while its objects are
+# still arriving; Flower 1.41's Grid then retries after 1 s, doubling up to 10 s, which cost
+# seconds a round (bench/deployment_round_anatomy.py). 20 ms doubling to 200 ms instead.
+OBJECT_PULL_BACKOFF = (0.02, 0.2)
+
+
+def pull_objects_sooner() -> None:
+    """Make this process's Grid retry a reply's missing objects within tens of milliseconds.
+
+    Changes pinned Flower's behaviour in this (the ServerApp's) process only: HttpGrid pulls a
+    reply's objects with the module-level `pull_objects` of flwr.superlink.grid.http_grid,
+    whose backoff arguments default to 1 s and 10 s; tests/test_pull_backoff.py fails if that
+    shape changes.
+    """
+    initial, cap = OBJECT_PULL_BACKOFF
+    http_grid.pull_objects = functools.partial(inflatable_utils.pull_objects, initial_backoff=initial,
+                                               backoff_cap=cap)
+
+
 def query_workers(grid: Grid, node_ids: list[int], action: str, timeout: float,
                   content: RecordDict | None = None) -> list[int]:
     """Send a `query.<action>` to every node; returns the nodes that did not confirm."""
     messages = [Message(content=content or RecordDict({"config": ConfigRecord({})}),
                         message_type=f"{MessageType.QUERY}.{action}", dst_node_id=node)
                 for node in node_ids]
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
-    # Pushing gave each message its id. An error the SuperLink writes for a node it lost
-    # carries the SuperLink's own id as sender: name the node asked.
-    asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-    for reply in replies:
-        if reply.has_error():
-            log(WARNING, "node %d could not %s its worker: %s",
-                asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id), action,
-                reply.error.reason)
-    confirmed = {r.metadata.src_node_id for r in replies if not r.has_error()}
+    # Pulled by the id of the message asked: an error the SuperLink writes for a node it lost
+    # carries the SuperLink's own id as sender.
+    waiting = dict(zip(grid.push_messages(messages), node_ids, strict=True))
+    confirmed = set()
+    deadline = time.monotonic() + timeout
+    while waiting and time.monotonic() < deadline:
+        for message_id in list(waiting):
+            for reply in grid.pull_messages([message_id]):
+                node = waiting.pop(message_id)
+                if reply.has_error():
+                    log(WARNING, "node %d could not %s its worker: %s", node, action, reply.error.reason)
+                else:
+                    confirmed.add(node)
+        if waiting:
+            time.sleep(POLL_INTERVAL)
     return [node for node in node_ids if node not in confirmed]
 
 
@@ -113,7 +147,7 @@ class RoundPipeline:
     """
 
     def __init__(self, grid: Grid, strategy: DiLoCo, cfg: RunConfig, first_round: int = 1,
-                 poll_interval: float = 0.05) -> None:
+                 poll_interval: float = POLL_INTERVAL) -> None:
         self.grid, self.strategy, self.cfg = grid, strategy, cfg
         self.last_round, self.timeout, self.poll_interval = cfg.flower_rounds, cfg.round_timeout, poll_interval
         self.next_to_send = first_round
@@ -127,9 +161,12 @@ class RoundPipeline:
     def send_ready_rounds(self, aggregated_up_to: int) -> None:
         while (self.next_to_send <= self.last_round
                and self.next_to_send - self.strategy.in_flight <= aggregated_up_to):
+            round_events.record("round_opening", self.next_to_send)
             messages = list(self.strategy.configure_train(self.next_to_send))
+            round_events.record("round_configured", self.next_to_send)
             nodes = [m.metadata.dst_node_id for m in messages]
             self.open[self.next_to_send] = dict(zip(self.grid.push_messages(messages), nodes, strict=True))
+            round_events.record("round_pushed", self.next_to_send, messages=self.open[self.next_to_send])
             self.next_to_send += 1
 
     def resync_workers(self, aggregated_up_to: int) -> None:
@@ -160,10 +197,13 @@ class RoundPipeline:
         deadline = time.monotonic() + self.timeout
         while waiting and time.monotonic() < deadline:
             for message_id in [*waiting, *self.late]:
+                pull_began = time.time()
                 for reply in self.grid.pull_messages([message_id]):
                     asked_in, node = ((server_round, waiting.pop(message_id)) if message_id in waiting
                                       else self.late.pop(message_id))
                     if not reply.has_error():
+                        round_events.record("reply_pulled", asked_in, node, message_id=reply.metadata.message_id,
+                                            pull_began=pull_began)
                         yield reply
                     elif asked_in == server_round:
                         self.strategy.node_failed(server_round, node, reply.error.reason)
@@ -320,6 +360,7 @@ def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> d
     pipeline.send_ready_rounds(aggregated_up_to=start_round)
     for server_round in range(start_round + 1, cfg.flower_rounds + 1):
         strategy.aggregate_train(server_round, pipeline.collect(server_round))
+        round_events.record("round_closed", server_round)
         # tokens/s is the tokens the workers trained for this round over the wall seconds from
         # the previous round's close (or the workers' start) to this one's: the span of the
         # round's compute, as the workers train on while the server evaluates. The spans add
@@ -334,6 +375,8 @@ def train_rounds(grid: Grid, cfg: RunConfig, resumed: TrainingState | None) -> d
         tokens_per_second_per_worker, round_mfu = throughput(stats.per_client)
         due = server_round % (cfg.eval_every * cfg.num_fragments) == 0 or server_round == cfg.flower_rounds
         eval_loss, eval_seconds = eval_params(strategy.params) if due else (None, None)
+        if due:
+            round_events.record("evaluated", server_round, seconds=eval_seconds)
         run_log.log({
             "round": server_round,
             "outer_step": server_round / cfg.num_fragments,
@@ -430,6 +473,7 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        pull_objects_sooner()
         # The overrides (the simulation's whole config) are set on purpose, not defaults.
         run_server(grid, RunConfig.from_mapping({**dict(context.run_config), **dict(overrides or {})}),
                    explicit_keys=tuple(overrides or ()))

@@ -410,8 +410,11 @@ class DiLoCo(Strategy):
                 raise CodecError(f"metric '{key}' is {metrics[key]!r}, not a finite number")
         if int(metrics["tokens"]) <= 0:
             raise CodecError(f"non-positive token count {metrics['tokens']}")
-        return metrics, decode_outer_gradient(from_array_record(content[OUTER_GRADIENT_KEY]),
-                                              self.wire_precision, shapes)
+        try:
+            arrays = from_array_record(content[OUTER_GRADIENT_KEY])
+        except ValueError as err:
+            raise CodecError(f"unreadable '{OUTER_GRADIENT_KEY}' record: {err}") from None
+        return metrics, decode_outer_gradient(arrays, self.wire_precision, shapes)
 
     # Evaluation is centralised (the server evaluates θ on held-out text), so there is no
     # client-side evaluation round.

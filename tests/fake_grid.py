@@ -71,14 +71,6 @@ class FakeGrid:
         with self.lock:
             return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
-                         ) -> Iterable[Message]:
-        started = len(self.threads)
-        ids = list(self.push_messages(messages))
-        for thread in self.threads[started:]:
-            thread.join(timeout)
-        return self.pull_messages(ids)
-
     # ----- the nodes -----
 
     def _serve(self, message: Message) -> None:

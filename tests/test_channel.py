@@ -95,3 +95,62 @@ def test_a_worker_whose_run_is_still_driven_stays(runtime_dir, node_process):
     time.sleep(2)  # the old worker's watchdog has looked (once a second) and kept it
     assert live.is_running()
     live.call({"kind": "shutdown"}, timeout=10)
+
+
+# ----- the message format: arrays out of band -----
+
+def _round_trip(message, framed: list[int] | None = None):
+    """`message` through a socket pair; `framed` collects the sizes of the pickled frames."""
+    import threading
+    from multiprocessing.connection import Pipe
+
+    from clients.channel import recv_message, send_message
+
+    sender, receiver = Pipe()
+    if framed is not None:
+        send_bytes = sender.send_bytes
+        sender.send_bytes = lambda buf: (framed.append(len(buf)), send_bytes(buf))
+    with sender, receiver:
+        thread = threading.Thread(target=send_message, args=(sender, message))
+        thread.start()  # a payload larger than the socket's buffer needs a reader at once
+        received = recv_message(receiver)
+        thread.join()
+    return received
+
+
+def test_a_message_arrives_whole_and_its_arrays_are_writable_copies():
+    import numpy as np
+
+    big = np.arange(600_000, dtype=np.float32).reshape(600, 1000)  # beyond a socket buffer
+    read_only = np.frombuffer(np.arange(7, dtype=np.uint16).tobytes(), dtype=np.uint16)
+    message = {"kind": "train", "round": 3, "aggregate": {"w": big, "codes": read_only},
+               "strided": big[:, ::2], "scalar": np.float32(0.5), "zero_d": np.array(2.0), "empty": np.zeros((0, 4)),
+               "rows": [np.ones(3, np.int64)], "metrics": {"tokens": 10}}
+    framed = []
+    received = _round_trip(message, framed)
+    assert received.keys() == message.keys()
+    # The contiguous arrays (2.4 MB) never enter the pickle; only the strided one (1.2 MB) does.
+    assert framed and sum(framed) < big[:, ::2].nbytes + 4096
+    for path, sent, got in [("w", big, received["aggregate"]["w"]), ("codes", read_only, received["aggregate"]["codes"]),
+                            ("strided", big[:, ::2], received["strided"]), ("zero_d", message["zero_d"], received["zero_d"]),
+                            ("empty", message["empty"], received["empty"]), ("rows", message["rows"][0], received["rows"][0])]:
+        assert got.dtype == sent.dtype and got.shape == sent.shape and np.array_equal(got, sent), path
+        # The worker may use what it receives in place: every array it gets is its own and writable,
+        # a sender's read-only view (the adapter's view of a Flower record) included.
+        assert got.flags.writeable and not np.shares_memory(got, sent), path
+    assert received["scalar"] == np.float32(0.5) and received["metrics"] == {"tokens": 10}
+
+
+def test_a_channel_that_closes_mid_message_is_an_eof_not_a_short_array():
+    import pickle
+    from multiprocessing.connection import Pipe
+
+    from clients.channel import recv_message
+
+    sender, receiver = Pipe()
+    with receiver:
+        with sender:
+            sender.send_bytes(pickle.dumps(([1000], pickle.dumps({"kind": "train"}))))
+            os.write(sender.fileno(), bytes(10))  # 10 of the 1000 bytes announced
+        with pytest.raises(EOFError):
+            recv_message(receiver)

@@ -4,16 +4,17 @@ state, and training goes on with the good replies.
 The property every test checks: aggregating the good replies together with any number of bad
 ones leaves θ and the outer momentum exactly where the good replies alone put them."""
 
+import json
 import random
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from strategies.codecs import encode_tensors
 from strategies.diloco import METRICS_KEY, OUTER_GRADIENT_KEY, DiLoCo
-from strategies.wire import to_array_record
+from strategies.wire import INDEX_KEY, to_array_record
 
 NODES = [10, 11, 12, 13, 14]
 
@@ -120,7 +121,7 @@ def _malformed(request: Message, rng: random.Random, shapes: dict) -> Message:
     """One reply broken in one of many ways, chosen at random."""
     good = {n: np.zeros(s, np.float32) for n, s in shapes.items()}
     name = rng.choice(list(shapes))
-    kind = rng.randrange(14)
+    kind = rng.randrange(15)
     if kind == 0:
         return Message(Error(code=rng.randrange(100), reason="boom"), reply_to=request)
     if kind == 1:
@@ -150,6 +151,11 @@ def _malformed(request: Message, rng: random.Random, shapes: dict) -> Message:
         return _reply(request, {n: np.full(s, 1e30, np.float32) for n, s in shapes.items()})  # norm outlier
     if kind == 12:
         return Message(content=RecordDict({OUTER_GRADIENT_KEY: ArrayRecord()}), reply_to=request)
+    if kind == 13:  # a packed record whose index points past its bytes
+        reply = _reply(request, good)
+        reply.content[OUTER_GRADIENT_KEY][INDEX_KEY] = Array(np.frombuffer(
+            json.dumps([[name, "<f4", [10**8], 0]]).encode(), np.uint8))
+        return reply
     content = RecordDict({METRICS_KEY: MetricRecord({"train_loss": 1.0, "tokens": 10, "compute_seconds": 1.0,
                                                      "idle_seconds": 0.0})})
     content[OUTER_GRADIENT_KEY] = to_array_record({n: np.zeros(s, np.float32).ravel() for n, s in shapes.items()})

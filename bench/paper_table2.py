@@ -236,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated subset of: {', '.join(GROUPS)}")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/paper-table2"))
+    parser.add_argument("--only", default="", help="comma-separated row names: run only these this time")
+    parser.add_argument("--skip", default="", help="comma-separated row names not to run this time "
+                        "(finished runs of any row still count in the tables)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and stop")
     args = parser.parse_args(argv)
     groups = [g.strip() for g in args.groups.split(",") if g.strip()]
@@ -255,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         for group in groups:
             for variant in GROUPS[group]:
-                if (variant, seed) not in todo:
+                wanted = variant.name in args.only.split(",") if args.only else variant.name not in args.skip.split(",")
+                if wanted and (variant, seed) not in todo:
                     todo.append((variant, seed))
     for variant, _ in todo:  # every config must be valid before the first hour is spent
         RunConfig.from_mapping(variant.config(0))

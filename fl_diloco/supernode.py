@@ -37,6 +37,7 @@ import inspect
 import math
 import os
 import sys
+import textwrap
 import time
 from collections.abc import MutableMapping
 from types import ModuleType
@@ -65,15 +66,14 @@ EXPECTED_SUPEREXEC_LINES = (
     "time.sleep(task_poll_interval)",
 )
 
-USAGE = f"""usage: fl-diloco supernode [--poll-interval SECONDS] <flower-supernode arguments>
-
-Starts Flower's own SuperNode (the same as `flower-supernode <arguments>`) with its fixed waits
-shortened: the idle poll of the SuperLink (Flower: {IDLE_POLL_S} s) to SECONDS, the SuperExec's
-task poll (Flower: {SUPEREXEC_POLL_S:g} s) and the waits for the ClientApp's reply (Flower:
-{REPLY_WAIT_S} s) to at most SECONDS. Default SECONDS: {DEFAULT_POLL_INTERVAL}; at least
-{MIN_POLL_INTERVAL}. A change to the pinned Flower's behaviour, checked at start: see
-fl_diloco/supernode.py. Every other argument is flower-supernode's (`flower-supernode --help`).
-"""
+USAGE = "usage: fl-diloco supernode [--poll-interval SECONDS] <flower-supernode arguments>\n\n" + textwrap.fill(
+    f"Starts Flower's own SuperNode, as `flower-supernode <arguments>` does, with its fixed waits "
+    f"shortened: the idle poll of the SuperLink ({IDLE_POLL_S} s in Flower) to SECONDS, the SuperExec's "
+    f"task poll ({SUPEREXEC_POLL_S:g} s) and the waits for the ClientApp's reply ({REPLY_WAIT_S} s) to "
+    f"at most SECONDS. SECONDS defaults to {DEFAULT_POLL_INTERVAL}, at least {MIN_POLL_INTERVAL}. This "
+    f"changes the pinned Flower's behaviour, and refuses to start on a Flower whose loop differs "
+    f"(fl_diloco/supernode.py). The other arguments are flower-supernode's: `flower-supernode --help`.",
+    width=96)
 
 
 def split_poll_interval(argv: list[str]) -> tuple[float, list[str]]:

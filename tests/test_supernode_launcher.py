@@ -13,6 +13,7 @@ import inspect
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 
@@ -22,7 +23,7 @@ from flwr.supernode import start_client_internal
 
 from fl_diloco import supernode
 from tests.test_flwr_run import wait_until_none_started_with
-from tests.test_secure_deployment import BIN, RUN_TIMEOUT, Deployment, children, free_ports, json_from, stop_all
+from tests.test_secure_deployment import BIN, ROOT, RUN_TIMEOUT, Deployment, children, free_ports, json_from, stop_all
 
 SUPERNODE_SOURCE = inspect.getsource(start_client_internal)
 SUPEREXEC_SOURCE = inspect.getsource(run_superexec)
@@ -184,3 +185,19 @@ def _environ(pid: int) -> dict[str, str]:
 
 def _command(pid: int) -> str:
     return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+
+
+def test_fl_diloco_dispatches_supernode(capsys):
+    from fl_diloco.cli import main
+
+    assert main(["supernode", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: fl-diloco supernode [--poll-interval SECONDS]")
+
+
+def test_local_deployment_refuses_a_bad_poll_before_starting_anything(tmp_path):
+    env = {**os.environ, "FL_DILOCO_SUPERNODE_POLL": "fast", "FL_DILOCO_DEPLOYMENT_DIR": str(tmp_path / "dep"),
+           "FLWR_HOME": str(tmp_path / "flwr"), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    result = subprocess.run([str(ROOT / "scripts" / "local_deployment.sh"), "up", "--insecure", "1"], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2 and "FL_DILOCO_SUPERNODE_POLL must be a number of seconds" in result.stderr
+    assert not (tmp_path / "dep" / "pids").exists() and not (tmp_path / "flwr").exists()

@@ -23,7 +23,7 @@ from flwr.supernode import start_client_internal
 
 from fl_diloco import supernode
 from tests.test_flwr_run import wait_until_none_started_with
-from tests.test_secure_deployment import BIN, ROOT, RUN_TIMEOUT, Deployment, children, free_ports, json_from, stop_all
+from tests.test_secure_deployment import BIN, ROOT, Deployment, children, free_ports, json_from, stop_all
 
 SUPERNODE_SOURCE = inspect.getsource(start_client_internal)
 SUPEREXEC_SOURCE = inspect.getsource(run_superexec)
@@ -132,18 +132,10 @@ def test_the_fixed_waits_become_the_poll_interval_at_most(monkeypatch, poll, idl
                     reason=f"flower-superlink or fl-diloco is not installed next to {sys.executable}")
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds processes through /proc")
 def test_short_poll_supernodes_serve_a_real_run_and_stop(tmp_path):
-    logs, flwr_home, out_dir = tmp_path / "logs", tmp_path / "flwr", tmp_path / "run"
-    logs.mkdir()
-    flwr_home.mkdir()
+    out_dir = tmp_path / "run"
     superlink_port, *node_ports = free_ports(3)
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "local-test"\n\n[superlink.local-test]\n'
-        f'address = "127.0.0.1:{superlink_port}"\ninsecure = true\n')
-    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop(supernode.SUPEREXEC_POLL_ENV, None)
-    deployment = Deployment(logs, env)
+    deployment = Deployment.in_temp_dir(tmp_path, "local-test", f'address = "127.0.0.1:{superlink_port}"\ninsecure = true')
+    deployment.env.pop(supernode.SUPEREXEC_POLL_ENV, None)
     try:
         link = deployment.start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1",
                                 "--port", str(superlink_port), "--database", str(tmp_path / "superlink.db"))
@@ -154,20 +146,14 @@ def test_short_poll_supernodes_serve_a_real_run_and_stop(tmp_path):
                  for i in range(2)]
         run_id = json_from(deployment.flwr("run", ".", "local-test", "--run-config",
                                            f'{RUN_CONFIG} out_dir="{out_dir}"', "--format", "json"))["run-id"]
-        deadline = time.monotonic() + RUN_TIMEOUT
-        while not (out_dir / "summary.json").exists():
-            assert time.monotonic() < deadline, (
-                f"run {run_id}: no summary.json after {RUN_TIMEOUT}s\n{deployment.diagnostics()}")
-            assert all(p.poll() is None for p in (link, *nodes)), f"a process died\n{deployment.diagnostics()}"
-            time.sleep(1)
-        summary = json.loads((out_dir / "summary.json").read_text())
+        summary = deployment.wait_for_summary(out_dir, run_id, watched=[link, *nodes])
         records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
         # The SuperExec each launcher started polls for tasks at the short interval too.
         superexec_polls = [_environ(pid).get(supernode.SUPEREXEC_POLL_ENV)
                            for node in nodes for pid in children(node.pid) if "flower-superexec" in _command(pid)]
     finally:
         stop_all(deployment.processes)
-        left_behind = wait_until_none_started_with(flwr_home)
+        left_behind = wait_until_none_started_with(tmp_path / "flwr")
 
     assert summary["rounds"] == 2 and summary["num_clients"] == 2
     assert math.isfinite(summary["final_eval_loss"])

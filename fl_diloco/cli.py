@@ -1,4 +1,4 @@
-"""`fl-diloco` command line: `train`, `report`, `plan` and `export`.
+"""`fl-diloco` command line: `train`, `report`, `plan`, `export` and `supernode`.
 
 `train` composes the Hydra config in conf/ with the overrides and runs one job: a Flower
 simulation in this process for the DiLoCo algorithms, or the single-process data-parallel
@@ -6,7 +6,8 @@ baseline for `algorithm=dp`. With `-m` (Hydra's multirun) it runs one job per co
 the swept values, one after another, each into its own directory of a sweep directory; a job
 that fails is recorded in `failed.json` and the sweep goes on. `report` aggregates a sweep
 (fl_diloco/report.py), `plan` is the compute-utilization planner (fl_diloco/planner.py) and
-`export` writes a checkpoint as a Hugging Face Llama model (fl_diloco/export.py).
+`export` writes a checkpoint as a Hugging Face Llama model (fl_diloco/export.py). `supernode` is
+Flower's SuperNode with a shorter poll (fl_diloco/supernode.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ USAGE = """usage: fl-diloco train [-m] [GROUP=OPTION ...] [KEY=VALUE ...]
        fl-diloco report SWEEP_DIR [--baseline KEY=VALUE,...] [--out DIR]
        fl-diloco plan [--help | FLAGS]                 compute utilization against bandwidth
        fl-diloco export CHECKPOINT OUT_DIR [--overwrite]   as a Hugging Face Llama model
+       fl-diloco supernode [--poll-interval S] ARGS    flower-supernode ARGS, polling every S s
 
   Run one training job with the config in conf/ plus overrides, e.g.
     fl-diloco train algorithm=diloco model=tiny num_clients=4 inner_steps=30 rounds=20
@@ -282,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         from fl_diloco.export import main as export_main
 
         return export_main(rest)
+    if command == "supernode":
+        from fl_diloco.supernode import main as supernode_main
+
+        return supernode_main(rest)
     if command == "report":
         from fl_diloco.report import main as report_main
 

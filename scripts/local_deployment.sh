@@ -23,6 +23,9 @@
 # the SuperLink database) goes to $FL_DILOCO_DEPLOYMENT_DIR (default: ./runs/local-deployment).
 # Ports: the SuperLink's one HTTPS port $FL_DILOCO_SUPERLINK_PORT (default 8000: fleet, control
 # and runtime APIs), SuperNode i's own runtime API $FL_DILOCO_SUPERNODE_PORT+i (default 9094+i).
+# SuperNodes are plain `flower-supernode`; with $FL_DILOCO_SUPERNODE_POLL=S (seconds) they are
+# `fl-diloco supernode --poll-interval S` instead: Flower's SuperNode with its 3 s idle poll and
+# its shorter fixed waits cut to S (fl_diloco/supernode.py), an opt-in change to Flower's behaviour.
 set -euo pipefail
 
 if ((EUID == 0)) && [[ -n "${SUDO_USER:-}" && "$SUDO_USER" != root ]]; then
@@ -39,6 +42,7 @@ PIDS="$STATE_DIR/pids"
 CERTS="$STATE_DIR/certificates"
 SUPERLINK_PORT="${FL_DILOCO_SUPERLINK_PORT:-8000}"
 SUPERNODE_PORT="${FL_DILOCO_SUPERNODE_PORT:-9094}"
+SUPERNODE_POLL="${FL_DILOCO_SUPERNODE_POLL:-}"
 SUPERLINK="127.0.0.1:$SUPERLINK_PORT"
 SECURE_CONNECTION="fl-diloco-local"
 INSECURE_CONNECTION="fl-diloco-local-insecure"
@@ -149,6 +153,16 @@ Run this script as an unprivileged user (started with sudo, it runs as the user 
 EOF
     fi
 
+    local supernode_command=(flower-supernode)
+    if [[ -n "$SUPERNODE_POLL" ]]; then
+        [[ "$SUPERNODE_POLL" =~ ^[0-9]*\.?[0-9]+$ ]] || {
+            echo "error: FL_DILOCO_SUPERNODE_POLL must be a number of seconds, got '$SUPERNODE_POLL'" >&2; exit 2; }
+        command -v fl-diloco >/dev/null || {
+            echo "error: fl-diloco not found (FL_DILOCO_SUPERNODE_POLL is set); activate the environment where fl-diloco is installed" >&2
+            exit 2; }
+        supernode_command=(fl-diloco supernode --poll-interval "$SUPERNODE_POLL")
+    fi
+
     local connection superlink_security=() supernode_security=()
     if ((insecure)); then
         connection="$INSECURE_CONNECTION"
@@ -184,7 +198,7 @@ root-certificates = \"$CERTS/ca.crt\""
             supernode_security=(--root-certificates "$CERTS/ca.crt"
                                 --auth-supernode-private-key "$CERTS/supernode-$i")
         fi
-        flower-supernode "${supernode_security[@]}" --superlink "$SUPERLINK" \
+        "${supernode_command[@]}" "${supernode_security[@]}" --superlink "$SUPERLINK" \
             --port $((SUPERNODE_PORT + i)) --node-config "partition-id=$i num-partitions=$n" \
             >"$STATE_DIR/supernode-$i.log" 2>&1 &
         echo "supernode-$i $!" >>"$PIDS"
@@ -194,7 +208,7 @@ root-certificates = \"$CERTS/ca.crt\""
 
     cat <<EOF
 
-$n SuperNodes online. Run training on them (num_clients must equal N, out_dir must be absolute):
+$n SuperNodes online (${supernode_command[*]}). Run training on them (num_clients must equal N, out_dir must be absolute):
   flwr run . $connection --run-config "num_clients=$n out_dir=\"$PWD/runs/deployment\"" --stream
 Follow a run: flwr log <run-id> $connection    Logs: $STATE_DIR/*.log    Stop: $0 down
 EOF

@@ -106,6 +106,21 @@ class Deployment:
         self.log_dir, self.env = log_dir, env
         self.processes: list[subprocess.Popen] = []
 
+    @classmethod
+    def in_temp_dir(cls, tmp_path: Path, connection: str, settings: str) -> Deployment:
+        """Logs in tmp_path/logs; `flwr` reads a fresh FLWR_HOME, tmp_path/flwr, that holds only
+        `connection` (its config.toml lines `settings`): the user's ~/.flwr is never touched.
+        FL_DILOCO_CACHE and FL_DILOCO_RUNTIME_DIR (tests/conftest.py) pass through to the
+        ServerApp and the workers; the SuperLink must not install the app's dependencies."""
+        (tmp_path / "logs").mkdir()
+        (tmp_path / "flwr").mkdir()
+        (tmp_path / "flwr" / "config.toml").write_text(
+            f'[superlink]\ndefault = "{connection}"\n\n[superlink.{connection}]\n{settings}\n')
+        env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "FLWR_TELEMETRY_ENABLED": "0",
+               "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+               "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        return cls(tmp_path / "logs", env)
+
     def start(self, name: str, *command: str) -> subprocess.Popen:
         with open(self.log_dir / f"{name}.log", "wb") as log:
             process = subprocess.Popen([str(BIN / command[0]), *command[1:]], cwd=ROOT, env=self.env,
@@ -130,6 +145,17 @@ class Deployment:
             assert process.poll() is None, f"{name} exited while starting:\n{self.log(name)[-3000:]}"
             assert time.monotonic() < deadline, f"no '{text}' from {name} in {timeout}s:\n{self.log(name)[-3000:]}"
             time.sleep(0.2)
+
+    def wait_for_summary(self, out_dir: Path, run_id: str, watched: list[subprocess.Popen]) -> dict:
+        """The run's summary.json once the ServerApp has written it; fails with every log when
+        RUN_TIMEOUT passes or a `watched` process dies first."""
+        summary_path = out_dir / "summary.json"
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not summary_path.exists():
+            assert time.monotonic() < deadline, f"run {run_id}: no summary.json after {RUN_TIMEOUT}s\n{self.diagnostics()}"
+            assert all(p.poll() is None for p in watched), f"run {run_id}: a process died\n{self.diagnostics()}"
+            time.sleep(1)
+        return json.loads(summary_path.read_text())
 
     def diagnostics(self) -> str:
         return "\n".join(f"--- {path.name}\n{path.read_text(errors='replace')[-3000:]}"
@@ -191,24 +217,14 @@ def test_certificates_are_what_flower_accepts(tmp_path):
 
 
 def test_tls_and_supernode_auth_train_two_rounds_and_refuse_intruders(tmp_path):
-    certs, logs, flwr_home, out_dir = (tmp_path / "certs", tmp_path / "logs", tmp_path / "flwr",
-                                       tmp_path / "run")
-    logs.mkdir()
-    flwr_home.mkdir()
+    certs, out_dir = tmp_path / "certs", tmp_path / "run"
     tls = make_superlink_certificates(certs)
     keys = {name: make_node_key(certs / name) for name in ("site-0", "site-1", "intruder")}
 
     superlink_port, *node_ports = free_ports(6)
     superlink = f"127.0.0.1:{superlink_port}"
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "{superlink}"\nroot-certificates = "{tls["ca.crt"]}"\n')
-    # FL_DILOCO_CACHE and FL_DILOCO_RUNTIME_DIR (tests/conftest.py) pass through to the
-    # ServerApp and the workers; the SuperLink must not install the app's dependencies.
-    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    deployment = Deployment(logs, env)
+    deployment = Deployment.in_temp_dir(tmp_path, CONNECTION,
+                                        f'address = "{superlink}"\nroot-certificates = "{tls["ca.crt"]}"')
     try:
         link = deployment.start("superlink", "flower-superlink", "--ssl-ca-certfile", str(tls["ca.crt"]),
                                 "--ssl-certfile", str(tls["server.crt"]), "--ssl-keyfile", str(tls["server.key"]),
@@ -259,14 +275,7 @@ def test_tls_and_supernode_auth_train_two_rounds_and_refuse_intruders(tmp_path):
         assert "Server disconnected without sending a response" in deployment.log("insecure")
         assert "No SuperNode found with the given public key" in deployment.log("superlink")
 
-        summary_path = out_dir / "summary.json"
-        deadline = time.monotonic() + RUN_TIMEOUT
-        while not summary_path.exists():
-            assert time.monotonic() < deadline, (
-                f"run {run_id}: no summary.json after {RUN_TIMEOUT}s\n{deployment.diagnostics()}")
-            assert link.poll() is None, f"the SuperLink died\n{deployment.diagnostics()}"
-            time.sleep(1)
-        summary = json.loads(summary_path.read_text())
+        summary = deployment.wait_for_summary(out_dir, run_id, watched=[link])
         records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
         assert summary["rounds"] == 2 and summary["num_clients"] == 2

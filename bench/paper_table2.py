@@ -132,8 +132,9 @@ def run_once(variant: Variant, seed: int, runs_dir: Path) -> dict:
     return run_job(cfg)
 
 
-def link_group(group_dir: Path, runs_dir: Path, variants: list[Variant], seeds: list[int]) -> None:
-    """The group as a sweep directory: numbered links to its runs, in row order."""
+def link_group(group_dir: Path, runs_dir: Path, variants: list[Variant], seeds: list[int]) -> int:
+    """The group as a sweep directory: numbered links to its finished runs, in row order;
+    returns how many."""
     group_dir.mkdir(parents=True, exist_ok=True)
     for old in group_dir.iterdir():
         if old.is_symlink():
@@ -145,6 +146,7 @@ def link_group(group_dir: Path, runs_dir: Path, variants: list[Variant], seeds: 
             if (target / SUMMARY_NAME).exists():
                 (group_dir / f"{number:02d}-{variant.name}-s{seed}").symlink_to(os.path.relpath(target, group_dir))
                 number += 1
+    return number
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -164,16 +166,21 @@ def row_figures(variant: Variant, seeds: list[int], runs_dir: Path) -> dict | No
             "seeds": len(losses), "losses": losses, "config": variant.overrides}
 
 
-COMPARED_AT = ("inner_steps", "num_clients", "outer_lr", "inner_lr")
+# The DiLoCo row each row is compared with shares these settings: the same H for the papers'
+# tables (so the lowered-LR row is compared with DiLoCo at the default LR, as in the paper),
+# and every varied setting for the investigation.
+COMPARED_AT = {"investigate": ("inner_steps", "num_clients", "outer_lr", "inner_lr")}
+COMPARED_AT_DEFAULT = ("inner_steps",)
 
 
-def diloco_of(variant: Variant) -> Variant | None:
-    """The DiLoCo row a variant is compared with: the same H, M and outer LR."""
+def diloco_of(variant: Variant, group: str) -> Variant | None:
+    """The DiLoCo row a variant is compared with (see COMPARED_AT)."""
+    keys = COMPARED_AT.get(group, COMPARED_AT_DEFAULT)
     want = variant.config(0)
     for candidate in (v for vs in GROUPS.values() for v in vs):
         have = candidate.config(0)
         if (have.get("algorithm") == "diloco" and not have.get("streaming")
-                and all(have[k] == want[k] for k in COMPARED_AT)):
+                and all(have.get(k) == want.get(k) for k in keys)):
             return candidate
     return None
 
@@ -282,13 +289,14 @@ def main(argv: list[str] | None = None) -> int:
         rows = {}
         for variant in GROUPS[group]:
             r = row_figures(variant, seeds, runs_dir)
-            diloco = diloco_of(variant)
+            diloco = diloco_of(variant, group)
             base = row_figures(diloco, seeds, runs_dir) if diloco else None
             if r is not None:
                 r["ratio_to_diloco"] = r["eval_loss_mean"] / base["eval_loss_mean"] if base else None
                 rows[variant.name] = r
         figures[group] = rows
-        link_group(out_dir / group, runs_dir, GROUPS[group], seeds)
+        if not link_group(out_dir / group, runs_dir, GROUPS[group], seeds):
+            continue
         paths = report(out_dir / group)
         print(f"\n{table(group, rows)}\n\nreport: {paths['report']}")
     loop = {lr: stability(SETTINGS["num_clients"], lr, SETTINGS["outer_momentum"])

@@ -1,7 +1,8 @@
 """`fl-diloco supernode`: Flower's SuperNode with its fixed waits shortened (fl_diloco/supernode.py).
 
 The guard must pass on the pinned Flower and fail on any copy of its loop that sleeps elsewhere
-or otherwise, so that a Flower upgrade that changes the loop fails here before the launcher
+or otherwise, or that pulls a message's objects other than through the `pull_objects` it
+replaces, so that a Flower upgrade that changes the loop fails here before the launcher
 patches the wrong thing. Then the launcher itself serves a real run: an insecure SuperLink and
 two SuperNodes started as `fl-diloco supernode --poll-interval 0.2`, a 2-round `flwr run`, and
 everything started is gone at the end.
@@ -157,6 +158,8 @@ def test_the_fixed_waits_become_the_poll_interval_at_most(monkeypatch, poll, idl
         module.time.sleep(seconds)
     assert slept == [idle, reply, 0.7]  # any other wait is Flower's own
     assert module.time.monotonic is time.monotonic
+    assert module.pull_objects.func is inflatable_utils.pull_objects  # retries after 20 ms (test_pull_backoff)
+    assert module.pull_objects.keywords["initial_backoff"] < supernode.REPLY_WAIT_S
     assert environ == {supernode.SUPEREXEC_POLL_ENV: superexec}
     # A task poll interval the user set stays theirs.
     environ = {supernode.SUPEREXEC_POLL_ENV: "0.05"}

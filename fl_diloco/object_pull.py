@@ -1,4 +1,4 @@
-"""Flower's retry of a message's objects, made tens of milliseconds instead of seconds (opt-in).
+"""Flower's retry of a message's objects, made tens of milliseconds instead of seconds.
 
 Flower 1.41 moves a message as a tree of objects, and whoever receives it may learn of the
 message before all of its objects have arrived at the hop it pulls from: the SuperLink hands

@@ -12,7 +12,6 @@ checkpoint, summary.json and the loss plot under the run's output directory.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import textwrap
 import time
@@ -25,7 +24,6 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import InMemoryGrid, http_grid
-from flwr.supercore.inflatable import inflatable_utils
 from flwr.supercore import log
 
 from clients.channel import LOG_NAME, worker_dir_name, worker_log_tail
@@ -39,6 +37,7 @@ from fl_diloco.data import Corpus, load_corpus
 from fl_diloco.evaluation import evaluate
 from fl_diloco.flops import model_flops_per_token
 from fl_diloco.model import Transformer, load_parameters, model_config, num_parameters
+from fl_diloco.object_pull import pull_objects_sooner
 from fl_diloco.preflight import check_before_start
 from fl_diloco.reporting import SUMMARY_NAME, RunLog, compute_utilization, failure_recorded, finish_run, throughput
 from fl_diloco.resume import complete_message, finished_summary, load_resume
@@ -68,26 +67,6 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
 # within this of reaching the SuperLink, at one small request per open message per interval.
 # (Flower's own Grid.send_and_receive sleeps 3 s between pulls.)
 POLL_INTERVAL = 0.05
-
-
-# How soon the ServerApp's Grid retries a reply's objects that are not on the SuperLink yet.
-# The SuperLink hands out a reply as soon as the SuperNode announces it, while its objects are
-# still arriving; Flower 1.41's Grid then retries after 1 s, doubling up to 10 s, which cost
-# seconds a round (bench/deployment_round_anatomy.py). 20 ms doubling to 200 ms instead.
-OBJECT_PULL_BACKOFF = (0.02, 0.2)
-
-
-def pull_objects_sooner() -> None:
-    """Make this process's Grid retry a reply's missing objects within tens of milliseconds.
-
-    Changes pinned Flower's behaviour in this (the ServerApp's) process only: HttpGrid pulls a
-    reply's objects with the module-level `pull_objects` of flwr.superlink.grid.http_grid,
-    whose backoff arguments default to 1 s and 10 s; tests/test_pull_backoff.py fails if that
-    shape changes.
-    """
-    initial, cap = OBJECT_PULL_BACKOFF
-    http_grid.pull_objects = functools.partial(inflatable_utils.pull_objects, initial_backoff=initial,
-                                               backoff_cap=cap)
 
 
 def query_workers(grid: Grid, node_ids: list[int], action: str, timeout: float,
@@ -473,7 +452,8 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        pull_objects_sooner()
+        # HttpGrid retries a reply's missing objects after 1 s otherwise (fl_diloco/object_pull.py).
+        pull_objects_sooner(http_grid)
         # The overrides (the simulation's whole config) are set on purpose, not defaults.
         run_server(grid, RunConfig.from_mapping({**dict(context.run_config), **dict(overrides or {})}),
                    explicit_keys=tuple(overrides or ()))

@@ -22,11 +22,24 @@ and flwr/supercore/superexec/run_superexec.py), and what SECONDS does to each:
   message before its contents). Shortened to min(SECONDS, 0.5 s); both look at in-memory state
   of this process, so they cost no traffic.
 
-Nothing else on the message path sleeps (the ClientApp process pulls, runs and pushes without
-waiting). The mechanism: start_client_internal's module gets a `time` whose `sleep` maps those
-two constants to their new values and passes every other call through. Because it matches the
-constants, `check_flower_loop` first verifies that the installed Flower sleeps exactly where and
-as long as 1.41 does, and refuses to start otherwise.
+One more wait is not a sleep: the main loop pulls a message's objects from the SuperLink with
+Flower's `pull_objects`, which retries a missing object after 1 s, doubling up to 10 s. A short
+poll takes a message while the ServerApp is still pushing its objects, so that retry then cost
+seconds a round; it retries after 20 ms, doubling up to 200 ms, instead (fl_diloco/object_pull.py,
+the same change the ServerApp makes to its own pulls).
+
+The ClientApp process (`flwr-clientapp`, started per message by the SuperExec) pulls its message
+from this SuperNode with the same 1 s retry when it starts before the SuperNode has all the
+objects. It does so before it loads any code of ours, in a process the SuperExec starts by
+its command name, so nothing here reaches it; with the SuperNode's pull shortened it rarely
+finds an object missing (README, "Where a deployment round goes").
+
+The mechanism: start_client_internal's module gets a `time` whose `sleep` maps those two
+constants to their new values and passes every other call through, and a `pull_objects` with
+the shorter retry. Because it matches the constants and the names, `check_flower_loop` first
+verifies that the installed Flower sleeps exactly where and as long as 1.41 does and pulls
+through a module-level `pull_objects` that takes the retry as keywords, and refuses to start
+otherwise.
 """
 
 from __future__ import annotations
@@ -41,6 +54,8 @@ import textwrap
 import time
 from collections.abc import MutableMapping
 from types import ModuleType
+
+from fl_diloco.object_pull import BACKOFF_KEYWORDS, OBJECT_PULL_BACKOFF, pull_objects_sooner
 
 # Measured on 2 loaded cores, 0.5 s and 1 s cut a round's overhead and 0.2 s added to it (README).
 DEFAULT_POLL_INTERVAL = 0.5
@@ -57,6 +72,8 @@ EXPECTED_SLEEPS = (
     ("_push_messages", f"time.sleep({REPLY_WAIT_S})"),
     ("yield_object_contents", f"time.sleep({REPLY_WAIT_S})"),  # inside _push_messages
 )
+# Where the `pull_objects` that start_client_internal calls comes from.
+PULL_MODULE = "flwr.supercore.inflatable.inflatable_utils"
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 SUPEREXEC_POLL_S = 1.0
 # What flwr/supercore/superexec/run_superexec.py must contain for SUPEREXEC_POLL_ENV to work.
@@ -71,7 +88,8 @@ USAGE = "usage: fl-diloco supernode [--poll-interval SECONDS] <flower-supernode 
     f"Starts Flower's own SuperNode, as `flower-supernode <arguments>` does, with its fixed waits "
     f"shortened: the idle poll of the SuperLink ({IDLE_POLL_S} s in Flower) to SECONDS, the SuperExec's "
     f"task poll ({SUPEREXEC_POLL_S:g} s) and the waits for the ClientApp's reply ({REPLY_WAIT_S} s) to "
-    f"at most SECONDS. SECONDS defaults to {DEFAULT_POLL_INTERVAL}, at least {MIN_POLL_INTERVAL}. This "
+    f"at most SECONDS, and the first retry of a message's objects (1 s) to {OBJECT_PULL_BACKOFF[0]:g} s. "
+    f"SECONDS defaults to {DEFAULT_POLL_INTERVAL}, at least {MIN_POLL_INTERVAL}. This "
     f"changes the pinned Flower's behaviour, and refuses to start on a Flower whose loop differs "
     f"(fl_diloco/supernode.py). The other arguments are flower-supernode's: `flower-supernode --help`.",
     width=96)
@@ -116,11 +134,35 @@ def sleep_calls(source: str) -> list[tuple[str, str]]:
     return found
 
 
-def loop_shape_problem(supernode_source: str, superexec_source: str) -> str | None:
+def object_pull_problem(supernode_source: str, inflatable_source: str) -> str | None:
+    """Why `pull_objects_sooner(start_client_internal)` would not shorten the SuperNode's object
+    pull, or None: the module must import inflatable_utils' `pull_objects` by name and call it
+    without backoff keywords, and that function must take the backoff keywords."""
+    supernode_tree, inflatable_tree = ast.parse(supernode_source), ast.parse(inflatable_source)
+    imported = any(isinstance(node, ast.ImportFrom) and node.module == PULL_MODULE
+                   and any(alias.name == "pull_objects" and alias.asname in (None, "pull_objects")
+                           for alias in node.names)
+                   for node in supernode_tree.body)
+    calls = [node for node in ast.walk(supernode_tree)
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "pull_objects"]
+    if not (imported and calls):
+        return f"its start_client_internal.py does not call `pull_objects` imported from {PULL_MODULE}"
+    if any(keyword.arg in BACKOFF_KEYWORDS for call in calls for keyword in call.keywords):
+        return "its start_client_internal.py passes its own backoff to `pull_objects`"
+    definitions = [node for node in inflatable_tree.body
+                   if isinstance(node, ast.FunctionDef) and node.name == "pull_objects"]
+    parameters = {arg.arg for node in definitions for arg in (*node.args.args, *node.args.kwonlyargs)}
+    if not set(BACKOFF_KEYWORDS) <= parameters:
+        return f"its inflatable_utils.pull_objects takes no `{'`/`'.join(BACKOFF_KEYWORDS)}`"
+    return None
+
+
+def loop_shape_problem(supernode_source: str, superexec_source: str, inflatable_source: str) -> str | None:
     """What differs from the Flower loop this module patches, or None when nothing does.
 
     `supernode_source` is flwr/supernode/start_client_internal.py, `superexec_source`
-    flwr/supercore/superexec/run_superexec.py.
+    flwr/supercore/superexec/run_superexec.py, `inflatable_source`
+    flwr/supercore/inflatable/inflatable_utils.py.
     """
     found = sleep_calls(supernode_source)
     if sorted(found) != sorted(EXPECTED_SLEEPS):
@@ -129,16 +171,17 @@ def loop_shape_problem(supernode_source: str, superexec_source: str) -> str | No
     missing = [line for line in EXPECTED_SUPEREXEC_LINES if line not in superexec_source]
     if missing:
         return f"its run_superexec.py lacks `{missing[0]}`"
-    return None
+    return object_pull_problem(supernode_source, inflatable_source)
 
 
 def check_flower_loop() -> None:
     """Raise RuntimeError, in one sentence naming the Flower version, unless the installed
     Flower's SuperNode loop still has the waits this module shortens."""
+    from flwr.supercore.inflatable import inflatable_utils
     from flwr.supercore.superexec import run_superexec
     from flwr.supernode import start_client_internal
 
-    problem = loop_shape_problem(inspect.getsource(start_client_internal), inspect.getsource(run_superexec))
+    problem = loop_shape_problem(*map(inspect.getsource, (start_client_internal, run_superexec, inflatable_utils)))
     if problem is not None:
         raise RuntimeError(
             f"fl-diloco supernode cannot shorten the poll of the installed Flower "
@@ -162,9 +205,11 @@ class ShortWaitTime:
 
 def shorten_waits(poll_interval: float, supernode_module: ModuleType, environ: MutableMapping[str, str]) -> None:
     """Make the SuperNode loop in `supernode_module` and the SuperExec it will start (through
-    `environ`, which its process inherits) wait at most `poll_interval` seconds (module docstring)."""
+    `environ`, which its process inherits) wait at most `poll_interval` seconds, and its pull of
+    a message's objects retry within tens of milliseconds (module docstring)."""
     supernode_module.time = ShortWaitTime({IDLE_POLL_S: poll_interval,
                                            REPLY_WAIT_S: min(REPLY_WAIT_S, poll_interval)})
+    pull_objects_sooner(supernode_module)
     environ.setdefault(SUPEREXEC_POLL_ENV, str(min(SUPEREXEC_POLL_S, poll_interval)))
 
 

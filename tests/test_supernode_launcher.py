@@ -1,7 +1,8 @@
 """`fl-diloco supernode`: Flower's SuperNode with its fixed waits shortened (fl_diloco/supernode.py).
 
 The guard must pass on the pinned Flower and fail on any copy of its loop that sleeps elsewhere
-or otherwise, so that a Flower upgrade that changes the loop fails here before the launcher
+or otherwise, or that pulls a message's objects other than through the `pull_objects` it
+replaces, so that a Flower upgrade that changes the loop fails here before the launcher
 patches the wrong thing. Then the launcher itself serves a real run: an insecure SuperLink and
 two SuperNodes started as `fl-diloco supernode --poll-interval 0.2`, a 2-round `flwr run`, and
 everything started is gone at the end.
@@ -18,6 +19,7 @@ import sys
 import time
 
 import pytest
+from flwr.supercore.inflatable import inflatable_utils
 from flwr.supercore.superexec import run_superexec
 from flwr.supernode import start_client_internal
 
@@ -27,13 +29,14 @@ from tests.test_secure_deployment import BIN, ROOT, Deployment, children, free_p
 
 SUPERNODE_SOURCE = inspect.getsource(start_client_internal)
 SUPEREXEC_SOURCE = inspect.getsource(run_superexec)
+INFLATABLE_SOURCE = inspect.getsource(inflatable_utils)
 RUN_CONFIG = ('model="tiny" num_clients=2 inner_steps=2 rounds=2 batch_size=4 seq_len=32 '
               'max_documents=150 eval_sequences=32 eval_every=1 warmup_steps=2 threads_per_worker=1')
 
 
 def test_guard_passes_on_the_installed_flower():
     assert supernode.sleep_calls(SUPERNODE_SOURCE) == list(supernode.EXPECTED_SLEEPS)
-    assert supernode.loop_shape_problem(SUPERNODE_SOURCE, SUPEREXEC_SOURCE) is None
+    assert supernode.loop_shape_problem(SUPERNODE_SOURCE, SUPEREXEC_SOURCE, INFLATABLE_SOURCE) is None
     supernode.check_flower_loop()
 
 
@@ -53,6 +56,25 @@ SUPERNODE_CHANGES = {
     "time imported under another name": lambda s: _replace_once(s, "import time\n", "import time as clock\n")
                                                      .replace("time.sleep(", "clock.sleep("),
 }
+PULL_CALL = "obj_contents = pull_objects(\n"
+PULL_FN_ARGUMENT = "pull_object_fn=lambda obj_id: pull_object(run_id, obj_id),"
+PULL_IMPORT = "from flwr.supercore.inflatable.inflatable_utils import (\n    pull_objects,\n"
+# Each a change after which replacing start_client_internal.pull_objects would not shorten the pull.
+OBJECT_PULL_CHANGES = {
+    "pulls through the module": lambda s: _replace_once(s, PULL_CALL, "obj_contents = inflatable_utils.pull_objects(\n"),
+    "pulls through another function": lambda s: _replace_once(s, PULL_CALL, "obj_contents = pull_all_objects(\n"),
+    "pull_objects imported under another name": lambda s: _replace_once(s, PULL_IMPORT, PULL_IMPORT.replace(
+        "pull_objects,", "pull_objects as pull,")),
+    "pull_objects from elsewhere": lambda s: _replace_once(s, PULL_IMPORT, PULL_IMPORT.replace(
+        "inflatable_utils", "object_pull")),
+    "its own backoff at the call": lambda s: _replace_once(s, PULL_FN_ARGUMENT, PULL_FN_ARGUMENT + "initial_backoff=1, "),
+}
+PULL_SIGNATURE = "    initial_backoff: float = PULL_INITIAL_BACKOFF,\n    backoff_cap: float = PULL_BACKOFF_CAP,\n) -> dict"
+INFLATABLE_CHANGES = {
+    "no backoff keywords": lambda s: _replace_once(s, PULL_SIGNATURE, ") -> dict"),
+    "backoff keywords renamed": lambda s: _replace_once(s, PULL_SIGNATURE, PULL_SIGNATURE.replace(
+        "initial_backoff", "first_backoff")),
+}
 SUPEREXEC_CHANGES = {
     "task poll variable renamed": lambda s: s.replace("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "FLWR_TASK_POLL"),
     "task poll default of 2 s": lambda s: _replace_once(s, "_SECONDS = 1.0", "_SECONDS = 2.0"),
@@ -62,13 +84,28 @@ SUPEREXEC_CHANGES = {
 @pytest.mark.parametrize("change", SUPERNODE_CHANGES)
 def test_guard_fails_on_a_changed_supernode_loop(change):
     changed = SUPERNODE_CHANGES[change](SUPERNODE_SOURCE)
-    assert supernode.loop_shape_problem(changed, SUPEREXEC_SOURCE) is not None
+    assert supernode.loop_shape_problem(changed, SUPEREXEC_SOURCE, INFLATABLE_SOURCE) is not None
 
 
 @pytest.mark.parametrize("change", SUPEREXEC_CHANGES)
 def test_guard_fails_on_a_changed_superexec_poll(change):
     changed = SUPEREXEC_CHANGES[change](SUPEREXEC_SOURCE)
-    assert supernode.loop_shape_problem(SUPERNODE_SOURCE, changed) is not None
+    assert supernode.loop_shape_problem(SUPERNODE_SOURCE, changed, INFLATABLE_SOURCE) is not None
+
+
+@pytest.mark.parametrize("change", OBJECT_PULL_CHANGES)
+def test_guard_fails_when_the_supernode_pulls_objects_otherwise(change):
+    changed = OBJECT_PULL_CHANGES[change](SUPERNODE_SOURCE)
+    assert supernode.sleep_calls(changed) == list(supernode.EXPECTED_SLEEPS)  # only the pull changed
+    problem = supernode.loop_shape_problem(changed, SUPEREXEC_SOURCE, INFLATABLE_SOURCE)
+    assert problem is not None and "pull_objects" in problem
+
+
+@pytest.mark.parametrize("change", INFLATABLE_CHANGES)
+def test_guard_fails_when_flowers_pull_loses_its_backoff_keywords(change):
+    changed = INFLATABLE_CHANGES[change](INFLATABLE_SOURCE)
+    problem = supernode.loop_shape_problem(SUPERNODE_SOURCE, SUPEREXEC_SOURCE, changed)
+    assert problem is not None and "initial_backoff" in problem
 
 
 def test_launcher_refuses_to_start_a_changed_flower_in_one_sentence(monkeypatch, capsys):
@@ -121,6 +158,8 @@ def test_the_fixed_waits_become_the_poll_interval_at_most(monkeypatch, poll, idl
         module.time.sleep(seconds)
     assert slept == [idle, reply, 0.7]  # any other wait is Flower's own
     assert module.time.monotonic is time.monotonic
+    assert module.pull_objects.func is inflatable_utils.pull_objects  # retries after 20 ms (test_pull_backoff)
+    assert module.pull_objects.keywords["initial_backoff"] < supernode.REPLY_WAIT_S
     assert environ == {supernode.SUPEREXEC_POLL_ENV: superexec}
     # A task poll interval the user set stays theirs.
     environ = {supernode.SUPEREXEC_POLL_ENV: "0.05"}

@@ -16,14 +16,14 @@ worker's compute seconds (its inner steps). Segments marked "inferred" have no t
 their own at one end: the SuperNode's steps are known to within the bench's 10 ms log polling,
 and a ClientApp's process start is read from /proc (10 ms ticks).
 
-`--poll default,0.2` runs the same bench once per SuperNode poll setting, side by side:
+`--poll default,0.5` runs the same bench once per SuperNode poll setting, side by side:
 "default" is plain `flower-supernode` (3 s idle poll), a number S starts the SuperNodes as
 `fl-diloco supernode --poll-interval S` through $FL_DILOCO_SUPERNODE_POLL, and is skipped
 with a message where this checkout has no such launcher.
 
 Usage:
     python bench/deployment_round_anatomy.py [--num-clients 2 --inner-steps 10 --rounds 8
-                                              --poll default,0.2]
+                                              --poll default,0.5]
 
 Prints the table (median and p90 per segment over the steady node-rounds, r ≥ 3) and, LAST,
 one JSON object with the figures.

@@ -25,9 +25,12 @@ INDEX_KEY = "index"  # uint8: JSON [[name, dtype, shape, offset], ...]
 ALIGN = 64
 
 
-def to_array_record(tensors: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
-    """`tensors` packed into one record (copied once, into the bytes Flower sends)."""
+def to_array_record(tensors: Mapping[str, torch.Tensor | np.ndarray], packed: bool = True) -> ArrayRecord:
+    """`tensors` packed into one record (copied once, into the bytes Flower sends); with
+    packed=False in Flower's own layout, one Array per tensor (both are read back alike)."""
     arrays = {name: np.ascontiguousarray(np.asarray(t)) for name, t in tensors.items()}
+    if not packed:
+        return ArrayRecord({name: Array(array) for name, array in arrays.items()})
     index, pieces, offset = [], [], 0
     for name, array in arrays.items():
         index.append([name, array.dtype.str, list(array.shape), offset])

@@ -22,8 +22,9 @@ Groups (`--groups`, any subset, in this order by default):
                delayed at the lowered outer LR, eager d = 1, eager d = 2, data-parallel
   table3       DiLoCo and Streaming DiLoCo (P = 2), each without overlap and with eager d = 1
   figure5      DiLoCo, naive delayed and eager d = 1 at H = 10, 30, 100, same tokens
-  investigate  not in the papers: the outer LR (0.35, 1.0) for DiLoCo, eager and delayed,
-               and M = 4 at the same total tokens, to see what eager's gap depends on
+  investigate  not in the papers: the outer LR (0.35, 1.0) and a third of the inner LR for
+               DiLoCo and eager, and M = 4 at the same total tokens (DiLoCo, delayed,
+               eager): what eager's gap depends on
 
 Every run lives once under <out>/runs/<variant>-s<seed>/ (rows shared between groups run
 once); each group is a directory of links to its runs, so `fl-diloco report <out>/<group>`
@@ -33,7 +34,7 @@ same H and M, checks the paper's claims, and prints, as its LAST line, one JSON 
 Runs whose summary.json exists are read back, so an interrupted bench resumes where it stopped.
 
 Usage:
-    nice python bench/paper_table2.py                          # everything, 3 seeds (~1.5 h)
+    nice python bench/paper_table2.py                          # 3 groups, 3 seeds (~1.5 h quiet)
     python bench/paper_table2.py --groups table2 --seeds 0      # one seed of Table 2 (~12 min)
     fl-diloco report runs/paper-table2/table2                  # the report again, any time
 """

@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -54,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fl_diloco.cli import run_job  # noqa: E402
 from fl_diloco.config import RunConfig  # noqa: E402
-from fl_diloco.report import report  # noqa: E402
+from fl_diloco.report import Stat, report  # noqa: E402
 from fl_diloco.reporting import SUMMARY_NAME  # noqa: E402
 from strategies.outer_loop_stability import largest_stable_fraction, spectral_radius  # noqa: E402
 
@@ -150,10 +149,6 @@ def link_group(group_dir: Path, runs_dir: Path, variants: list[Variant], seeds: 
     return number
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def row_figures(variant: Variant, seeds: list[int], runs_dir: Path) -> dict | None:
     losses = []
     for seed in seeds:
@@ -162,7 +157,8 @@ def row_figures(variant: Variant, seeds: list[int], runs_dir: Path) -> dict | No
             losses.append(json.loads(path.read_text())["final_eval_loss"])
     if not losses:
         return None
-    mean, std = _mean_std(losses)
+    stat = Stat.of(losses)  # the report's mean ± sample std, so the two tables agree
+    mean, std = stat.mean, stat.std or 0.0
     return {"paper_row": variant.paper_row, "eval_loss_mean": mean, "eval_loss_std": std,
             "seeds": len(losses), "losses": losses, "config": variant.overrides}
 

@@ -27,6 +27,14 @@ def test_packed_tensors_come_back_exactly_as_views_and_as_copies():
             assert np.array_equal(got[name], array), name
 
 
+def test_unpacked_records_hold_one_array_per_tensor_and_come_back_exactly():
+    # Replies use this layout (fl_diloco/client_app.py): the reader must not care which it gets.
+    record = to_array_record(ARRAYS, packed=False)
+    assert set(record) == set(ARRAYS)
+    got = from_array_record(record)
+    assert all(got[n].dtype == a.dtype and np.array_equal(got[n], a) for n, a in ARRAYS.items())
+
+
 def test_views_copy_nothing_and_copies_are_the_callers_own():
     record = to_array_record({"w": np.ones(1000, np.float32), "b": np.zeros(3, np.float32)})
     packed = np.frombuffer(record[PACKED_KEY].data, dtype=np.uint8)

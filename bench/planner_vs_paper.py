@@ -7,6 +7,9 @@ The table is in docs/algorithms.md#compute-utilization. Two modes:
   25 %, most of them the paper's exact grid point.
 * steady state (fl_diloco/planner.py, the default for users): what a long run needs.
 
+Between them, a model-free check of the paper's own cells: which of them no simulation of the
+stated setup can produce with the stated payload (model_free_check says how).
+
 The paper reports, for a 1B model (24 layers, 0.1 s per step, fragments of 3 layers), the
 bandwidth in Gbit/s each method needs to reach 50/80/90/95/99 % compute utilization. Those
 figures are hard-coded below as the reference; everything else comes from the planner, with
@@ -109,14 +112,49 @@ def evaluate_paper_mode() -> dict:
             "exact": sum(c["exact"] for c in cells), "cells_total": len(cells)}
 
 
+def model_free_check() -> list[dict]:
+    """The paper's cells that no simulation of the stated setup can produce, whatever its DAG,
+    schedule or horizon: only that the link is the one limit and works whenever it has data.
+
+    A cell printed as b says CU(b) < target, b being a grid point. Two bounds, per sync period
+    of C seconds of compute (T for dp, H·T otherwise) carrying S bits (every value once):
+
+    * floor: compute never waits longer than the link is busy, so even with no overlap at all
+      CU(b) >= C / (C + S/b). If that is >= target, the cell is impossible.
+    * eager d >= 1: if the link clears an outer step's S bits within the outer step
+      (S/b <= H·T), every transfer finishes within S/b of its release (a work-conserving link
+      fed at most S bits per H·T is never busy longer than S/b at a stretch), so before the
+      d·H steps after which its result is needed: nothing ever waits, CU(b) = 1 >= target.
+
+    Each impossible cell also says the payload (bits per value) it would need to be possible.
+    """
+    model = PAPER_MODELS["1b"]
+    found = []
+    for name, (_label, method, h, precision, paper) in PAPER_1B.items():
+        bits = 16 if precision == "full" else {"fp4": 4}[precision]
+        period = model.step_time * (1 if method == "dp" else h)
+        eager = "eager" in method
+        for target, figure in zip(CU_TARGETS, paper):
+            grid_point = min(GRID_GBPS, key=lambda g: abs(g - figure))
+            seconds = model.params * bits / (grid_point * 1e9)  # one period's payload on the link
+            floor = period / (period + seconds)
+            never_waits = eager and seconds <= period
+            if floor < target and not never_waits:
+                continue
+            # smallest payload for which neither bound rules the cell out
+            need = grid_point * 1e9 * period * max(1 / target - 1, eager) / model.params
+            found.append({"row": name, "target_cu": target, "paper_gbps": figure,
+                          "grid_gbps": grid_point, "stated_bits_per_value": bits,
+                          "cu_at_least": 1.0 if never_waits else floor,
+                          "bits_per_value_needed": need})
+    return found
+
+
 PAPER_MODE_MISSES = (
     "the H = 30 rows need 1.5 to 3.5 times the bandwidth this simulation gives, at every "
-    "target; at H = 100 the same rows match. At the paper's 50 % point of the τ = 1, H = 30 "
-    "row (2.4 Gbit/s) one FP4 fragment (0.5 Gbit) crosses in 0.21 s, and the 16 syncs of 2 "
-    "outer steps would have to stall 6 s in all for CU < 50 %: more than 0.375 s each, which "
-    "a fragment that is late only by its own transfer cannot do. The rows behave as if each "
-    "H = 30 sync carried about 3 times the payload; no documented assumption of the papers "
-    "gives that, and no constant is tuned per row here."
+    "target; at H = 100 the same methods match with the same FP4 payload. Five of the H = 30 "
+    "cells cannot come from FP4 in any simulation where only the link limits (the model-free "
+    "check below): they need 6 to 7.3 bits per value. No constant is tuned per row here."
 )
 
 
@@ -140,6 +178,13 @@ def print_paper_mode(result: dict) -> None:
           f"{result['max_abs_rel_error']:.0%}. Goal (every cell within 25 %): {'met' if goal else 'NOT met'}.")
     if not goal:
         print(f"  misses: {PAPER_MODE_MISSES}")
+    impossible = model_free_check()
+    print(f"\nmodel-free check (any DAG, schedule or horizon; only that a work-conserving link is "
+          f"the one limit): {len(impossible)} of the paper's cells cannot hold for their stated payload")
+    for c in impossible:
+        print(f"  {c['row']:12s} CU {c['target_cu']:.0%} < target at {c['grid_gbps']:.2f} Gbit/s: with "
+              f"{c['stated_bits_per_value']} bits/value CU is at least {c['cu_at_least']:.0%}; "
+              f"possible only above {c['bits_per_value_needed']:.1f} bits/value")
     print("\n" + "-" * 72 + "\nSTEADY-STATE MODE (fl_diloco/planner.py, the default): what a long run needs\n")
 
 
@@ -236,7 +281,8 @@ def main() -> int:
         print(f"  miss {name}: {text}")
 
     result.update(goal_met=goal, tolerance=TOLERANCE, miss_reasons=reasons,
-                  sensitivity=sensitivity, paper_mode=paper_mode)
+                  sensitivity=sensitivity, paper_mode=paper_mode,
+                  model_free_impossible_cells=model_free_check())
     print(json.dumps(result, separators=(",", ":")))
     return 0
 

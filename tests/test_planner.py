@@ -407,3 +407,31 @@ def test_overhead_from_excludes_sync_overhead(tmp_path, capsys):
     path.write_text(json.dumps({"round_overhead_s": 8.5}))
     code, _, err = _plan(capsys, "--overhead-from", str(path), "--sync-overhead", "3")
     assert code == 2 and "--sync-overhead or --overhead-from, not both" in err
+
+
+def test_model_free_check_flags_only_the_h30_cells_no_link_model_can_produce():
+    """Five H = 30 cells are impossible with FP4 whatever the simulation; no other cell is."""
+    impossible = load_bench("planner_vs_paper").model_free_check()
+    assert {(c["row"], c["target_cu"]) for c in impossible} == {
+        ("inner1-h30", 0.5), ("eager1-h30", 0.8), ("eager1-h30", 0.9), ("eager1-h30", 0.95),
+        ("eager1-h30", 0.99)}
+    for cell in impossible:
+        assert cell["cu_at_least"] >= cell["target_cu"]
+        assert cell["bits_per_value_needed"] > cell["stated_bits_per_value"]
+
+
+@pytest.mark.parametrize("method", ["streaming", "streaming-inner1", "streaming-eager1", "diloco"])
+@pytest.mark.parametrize("inner_steps", [30, 100])
+def test_the_model_free_bounds_hold_for_paper_mode(method, inner_steps):
+    """The check's two bounds, on our own simulation: CU never below C / (C + S/b), and eager
+    never waits once the link clears an outer step's payload within the outer step."""
+    from fl_diloco.planner_paper import PAPER_MODELS, simulate_cu
+
+    model = PAPER_MODELS["1b"]
+    compute = inner_steps * model.step_time
+    for bandwidth in (0.1, 0.3, 1.0, 2.0, 5.0, 20.0):
+        link = model.params * 4 / (bandwidth * 1e9)
+        cu = simulate_cu(model, method, inner_steps, 4, bandwidth)
+        assert cu >= compute / (compute + link) - 1e-12
+        if "eager" in method and link <= compute:
+            assert cu == pytest.approx(1.0, abs=1e-9)

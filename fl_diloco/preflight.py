@@ -29,8 +29,22 @@ def check_before_start(cfg: RunConfig, workers_here: int = 0) -> None:
     `workers_here`: how many of its workers will share this machine (0 = none, or unknown)."""
     check_out_dir(cfg)  # a new run never writes into another run's directory
     check_data_source(cfg)
+    check_fragments(cfg)
     resolve_device(cfg.device)  # device=cuda on a machine without CUDA
     check_memory(cfg, workers_here)
+
+
+def check_fragments(cfg: RunConfig) -> None:
+    """Streaming needs at least one transformer block per fragment (blocks are never split)."""
+    if not cfg.streaming:
+        return
+    from fl_diloco.model import model_config
+
+    blocks = model_config(cfg.model_preset, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len).n_layers
+    if cfg.fragments > blocks:
+        raise ConfigError(f"fragments={cfg.fragments} needs at least {cfg.fragments} transformer blocks, "
+                          f"but model={cfg.model} has {blocks}: lower fragments to {blocks} or less, "
+                          f"or pick a model with more blocks")
 
 
 def check_data_source(cfg: RunConfig) -> None:

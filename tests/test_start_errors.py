@@ -45,6 +45,7 @@ CASES = [
     ("data_source={empty_file}", ["data_source=", "empty.txt", "is empty"]),
     ("data_source={binary}", ["data_source=", "b.txt", "binary"]),
     ("data_source={latin1}", ["data_source=", "latin1.txt", "not UTF-8"]),
+    ("streaming=true fragments=4 inner_steps=8", ["fragments=4", "model=tiny has 2"]),
 ]
 
 
@@ -53,7 +54,7 @@ CASES = [
 def test_a_bad_value_is_one_line_and_exit_2_before_anything_starts(tmp_path, capsys, nothing_starts,
                                                                    override, named):
     out_dir = tmp_path / "run"
-    code = main(["train", override.format(**data_dirs(tmp_path)), f"out_dir={out_dir}"])
+    code = main(["train", *override.format(**data_dirs(tmp_path)).split(), f"out_dir={out_dir}"])
     captured = capsys.readouterr()
     assert code == 2
     [line] = captured.err.strip().splitlines()

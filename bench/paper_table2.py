@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fl_diloco.cli import run_job  # noqa: E402
 from fl_diloco.config import RunConfig  # noqa: E402
-from fl_diloco.report import Stat, report  # noqa: E402
+from fl_diloco.report import Job, Stat, report  # noqa: E402
 from fl_diloco.reporting import SUMMARY_NAME  # noqa: E402
 from strategies.outer_loop_stability import largest_stable_fraction, spectral_radius  # noqa: E402
 
@@ -182,6 +182,42 @@ def diloco_of(variant: Variant, group: str) -> Variant | None:
     return None
 
 
+GAP_POINTS = (0.1, 0.25, 0.5, 0.75, 1.0)  # fractions of the token budget
+
+
+def mean_eval_curve(variant: Variant, seeds: list[int], runs_dir: Path) -> dict[int, float]:
+    """{tokens: eval loss, mean over the seeds that finished} at the evaluations all of them have."""
+    histories = []
+    for seed in seeds:
+        out = runs_dir / f"{variant.name}-s{seed}"
+        if (out / SUMMARY_NAME).exists():
+            job = Job(out.name, "completed", summary=json.loads((out / SUMMARY_NAME).read_text()), out_dir=out)
+            histories.append(dict(job.eval_history))
+    if not histories:
+        return {}
+    shared = set.intersection(*(set(h) for h in histories))
+    return {t: Stat.of([h[t] for h in histories]).mean for t in sorted(shared)}
+
+
+def gap_over_training(variant: Variant, diloco: Variant, seeds: list[int], runs_dir: Path) -> dict[float, float]:
+    """The row's mean eval loss over DiLoCo's at GAP_POINTS of the budget (the evaluation nearest
+    each, the earlier on a tie): where a gap opens says more than where it ends."""
+    row, base = mean_eval_curve(variant, seeds, runs_dir), mean_eval_curve(diloco, seeds, runs_dir)
+    shared = sorted(set(row) & set(base))
+    if not shared:
+        return {}
+    return {f: row[t] / base[t] for f in GAP_POINTS
+            for t in [min(shared, key=lambda t: abs(t - f * shared[-1]))]}
+
+
+def gap_table(gaps: dict[str, dict[float, float]]) -> str:
+    lines = ["| row | " + " | ".join(f"{f:.0%} of tokens" for f in GAP_POINTS) + " |",
+             "|---|" + "---|" * len(GAP_POINTS)]
+    lines += [f"| {name} | " + " | ".join(f"{g[f]:.3f}" for f in GAP_POINTS) + " |"
+              for name, g in gaps.items() if g]
+    return "\n".join(lines)
+
+
 def table(name: str, rows: dict[str, dict]) -> str:
     lines = [f"{name}", "", "| row | paper's row | eval loss (mean ± std) | seeds | ratio to DiLoCo |",
              "|---|---|---|---|---|"]
@@ -283,19 +319,23 @@ def main(argv: list[str] | None = None) -> int:
 
     figures: dict[str, dict] = {}
     for group in groups:
-        rows = {}
+        rows, gaps = {}, {}
         for variant in GROUPS[group]:
             r = row_figures(variant, seeds, runs_dir)
             diloco = diloco_of(variant, group)
             base = row_figures(diloco, seeds, runs_dir) if diloco else None
             if r is not None:
                 r["ratio_to_diloco"] = r["eval_loss_mean"] / base["eval_loss_mean"] if base else None
+                if base and diloco != variant:
+                    r["ratio_over_training"] = gaps[variant.name] = gap_over_training(variant, diloco, seeds, runs_dir)
                 rows[variant.name] = r
         figures[group] = rows
         if not link_group(out_dir / group, runs_dir, GROUPS[group], seeds):
             continue
         paths = report(out_dir / group)
         print(f"\n{table(group, rows)}\n\nreport: {paths['report']}")
+        if any(gaps.values()):
+            print(f"\nratio to DiLoCo over training (mean eval loss over seeds):\n{gap_table(gaps)}")
     loop = {lr: stability(SETTINGS["num_clients"], lr, SETTINGS["outer_momentum"])
             for lr in (SETTINGS["outer_lr"], LOWER_OUTER_LR)}
     for lr, rows in loop.items():

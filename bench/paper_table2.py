@@ -30,7 +30,8 @@ Every run lives once under <out>/runs/<variant>-s<seed>/ (rows shared between gr
 once); each group is a directory of links to its runs, so `fl-diloco report <out>/<group>`
 reads it like any sweep. The bench writes each group's report.md and plots through
 `fl_diloco.report`, prints every row as mean ± std over seeds with its ratio to DiLoCo at the
-same H and M, checks the paper's claims, and prints, as its LAST line, one JSON object.
+same H and M (at the end, and at 10, 25, 50 and 75 % of the tokens: where a gap opens), checks
+the paper's claims, and prints, as its LAST line, one JSON object.
 Runs whose summary.json exists are read back, so an interrupted bench resumes where it stopped.
 
 Usage:

@@ -202,9 +202,10 @@ def mean_eval_curve(variant: Variant, seeds: list[int], runs_dir: Path) -> dict[
 
 def gap_over_training(variant: Variant, diloco: Variant, seeds: list[int], runs_dir: Path) -> dict[float, float]:
     """The row's mean eval loss over DiLoCo's at GAP_POINTS of the budget (the evaluation nearest
-    each, the earlier on a tie): where a gap opens says more than where it ends."""
+    each, the earlier on a tie; the untrained model's is left out, and a run with few evaluations
+    repeats one): where a gap opens says more than where it ends."""
     row, base = mean_eval_curve(variant, seeds, runs_dir), mean_eval_curve(diloco, seeds, runs_dir)
-    shared = sorted(set(row) & set(base))
+    shared = sorted(t for t in set(row) & set(base) if t > 0)
     if not shared:
         return {}
     return {f: row[t] / base[t] for f in GAP_POINTS

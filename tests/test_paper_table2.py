@@ -55,6 +55,15 @@ def test_gap_over_training_divides_the_seed_means_at_each_point(tmp_path):
     assert list(gap) == list(bench.GAP_POINTS)
     # evaluation k of 10 sits at fraction k/10 (the earlier one on a tie); eager is (1 + k/100)
     # times DiLoCo in both seeds
-    nearest = {0.1: 1, 0.25: 2, 0.5: 5, 0.75: 7, 1.0: 10}
+    nearest = {0.1: 1, 0.25: 2, 0.5: 5, 0.75: 7, 1.0: 10}  # never evaluation 0, the untrained model
     assert gap == pytest.approx({f: 1 + k / 100 for f, k in nearest.items()})
     assert bench.gap_over_training(bench.EAGER, bench.DELAYED, [0], tmp_path) == {}
+
+
+def test_gap_over_training_never_reads_the_untrained_model(tmp_path):
+    # three evaluations (0, 100, 200 tokens): 10 % of the budget is nearest the untrained
+    # model's, which every row shares, so the first trained evaluation stands in for it
+    _fake_run(tmp_path, "diloco-s0", [7.0, 5.0, 4.0])
+    _fake_run(tmp_path, "eager-d1-s0", [7.0, 5.5, 4.4])
+    gap = bench.gap_over_training(bench.EAGER, bench.DILOCO, [0], tmp_path)
+    assert gap[0.1] == pytest.approx(1.1) and gap[1.0] == pytest.approx(1.1)

@@ -432,13 +432,17 @@ def plot_loss_vs_tokens(rows: list[Row], path: Path, title: str) -> Path:
 
 def loss_vs_inner_steps(rows: list[Row]) -> dict[str, list[tuple[int, Stat]]]:
     """{variant (all but H): [(H, final eval loss)] sorted by H}; {} when no variant ran at two
-    or more H, since a plot of one dot per variant says nothing about H."""
-    varying = varying_keys([row.config for row in rows])
+    or more H, since a plot of one dot per variant says nothing about H. Where every run makes
+    the same inner steps (rounds × H), rounds follows H and is left out of the variant too."""
+    configs = [row.config for row in rows]
+    varying = varying_keys(configs)
+    same_budget = len({c.get("rounds", 0) * c.get("inner_steps", 0) for c in configs}) == 1
+    not_variant = ("inner_steps", "rounds") if same_budget else ("inner_steps",)
     lines: dict[str, list[tuple[int, Stat]]] = {}
     for row in rows:
         loss = row.stat("final_eval_loss")
         if loss.mean is not None:
-            name = variant_label(row.config, varying, exclude=("inner_steps",))
+            name = variant_label(row.config, varying, exclude=not_variant)
             lines.setdefault(name, []).append((row.config["inner_steps"], loss))
     lines = {name: sorted(points, key=lambda point: point[0]) for name, points in lines.items()}
     return lines if any(len(points) > 1 for points in lines.values()) else {}
@@ -459,7 +463,10 @@ def plot_loss_vs_inner_steps(rows: list[Row], path: Path, title: str) -> Path | 
         ax.errorbar([h for h, _ in points], [s.mean for _, s in points],
                     yerr=[s.std or 0.0 for _, s in points], marker="o", capsize=3, label=name)
     all_h = sorted({row.config["inner_steps"] for row in rows})
-    ax.set_xticks(all_h)
+    if all_h[-1] >= 5 * all_h[0]:  # e.g. H = 10, 30, 100: evenly apart on a log axis
+        ax.set_xscale("log")
+        ax.minorticks_off()
+    ax.set_xticks(all_h, [str(h) for h in all_h])
     ax.set_xlabel("H (inner steps per outer step)")
     ax.set_ylabel("final eval loss (nats/token)")
     ax.set_title(title + ("\nbars: ± std over seeds" if any(len(r.runs) > 1 for r in rows) else ""),

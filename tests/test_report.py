@@ -19,6 +19,7 @@ from fl_diloco.report import (
     choose_baseline,
     group_rows,
     load_jobs,
+    loss_vs_inner_steps,
     main,
     parse_selector,
     report,
@@ -133,6 +134,22 @@ def test_keys_that_vary_besides_the_variant_are_in_the_label_and_h_lines(tmp_pat
     table = [line for line in paths["report"].read_text().splitlines() if line.startswith("| ")]
     assert len(table) == 1 + 4 and not any("±" in line for line in table)  # one seed: no spread
     assert (tmp_path / "out" / "eval_loss_vs_H.png").exists()
+
+
+@pytest.mark.parametrize("runs, lines", [
+    # every run makes 80 inner steps: rounds follows H, and each variant is one line over H
+    ([("diloco", 4, 20), ("diloco", 8, 10), ("eager", 4, 20), ("eager", 8, 10)],
+     {"diloco": [4, 8], "eager d=1": [4, 8]}),
+    # rounds varies on its own: it stays part of the variant
+    ([("diloco", 4, 20), ("diloco", 8, 10), ("eager", 4, 20), ("eager", 8, 20)],
+     {"diloco, rounds=20": [4], "diloco, rounds=10": [8], "eager d=1, rounds=20": [4, 8]}),
+])
+def test_an_h_sweep_at_a_fixed_budget_draws_one_line_per_variant(tmp_path, runs, lines):
+    for num, (algorithm, h, rounds) in enumerate(runs):
+        cfg = RunConfig.from_mapping({"algorithm": algorithm, "inner_steps": h, "rounds": rounds})
+        fake_run(tmp_path / "sweep" / f"{num}-x", cfg, [8.0, 5.0])
+    found = loss_vs_inner_steps(group_rows(load_jobs(tmp_path / "sweep")))
+    assert {name: [h for h, _ in points] for name, points in found.items()} == lines
 
 
 def test_a_directory_without_runs_is_a_clear_error(tmp_path, capsys):

@@ -15,6 +15,7 @@ import contextlib
 import os
 import textwrap
 import time
+from itertools import chain
 from collections.abc import Collection, Iterator, Mapping
 from logging import INFO, WARNING
 from pathlib import Path
@@ -69,6 +70,15 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
 POLL_INTERVAL = 0.05
 
 
+def pull_arrived(grid: Grid, waiting: dict[str, Any]) -> Iterator[tuple[Any, Message, float]]:
+    """One pull for each message id in `waiting` (id → what the caller knows of it); yields
+    (that value, the reply, when its pull began) for each answered message, which leaves `waiting`."""
+    for message_id in list(waiting):
+        pull_began = time.time()
+        for reply in grid.pull_messages([message_id]):
+            yield waiting.pop(message_id), reply, pull_began
+
+
 def query_workers(grid: Grid, node_ids: list[int], action: str, timeout: float,
                   content: RecordDict | None = None) -> list[int]:
     """Send a `query.<action>` to every node; returns the nodes that did not confirm."""
@@ -81,13 +91,11 @@ def query_workers(grid: Grid, node_ids: list[int], action: str, timeout: float,
     confirmed = set()
     deadline = time.monotonic() + timeout
     while waiting and time.monotonic() < deadline:
-        for message_id in list(waiting):
-            for reply in grid.pull_messages([message_id]):
-                node = waiting.pop(message_id)
-                if reply.has_error():
-                    log(WARNING, "node %d could not %s its worker: %s", node, action, reply.error.reason)
-                else:
-                    confirmed.add(node)
+        for node, reply, _ in pull_arrived(grid, waiting):
+            if reply.has_error():
+                log(WARNING, "node %d could not %s its worker: %s", node, action, reply.error.reason)
+            else:
+                confirmed.add(node)
         if waiting:
             time.sleep(POLL_INTERVAL)
     return [node for node in node_ids if node not in confirmed]
@@ -175,20 +183,18 @@ class RoundPipeline:
         waiting = self.open.pop(server_round)
         deadline = time.monotonic() + self.timeout
         while waiting and time.monotonic() < deadline:
-            for message_id in [*waiting, *self.late]:
-                pull_began = time.time()
-                for reply in self.grid.pull_messages([message_id]):
-                    asked_in, node = ((server_round, waiting.pop(message_id)) if message_id in waiting
-                                      else self.late.pop(message_id))
-                    if not reply.has_error():
-                        round_events.record("reply_pulled", asked_in, node, message_id=reply.metadata.message_id,
-                                            pull_began=pull_began)
-                        yield reply
-                    elif asked_in == server_round:
-                        self.strategy.node_failed(server_round, node, reply.error.reason)
-                    else:  # counted when its round closed without it
-                        log(WARNING, "round %d: node %d answered round %d, which closed without it, "
-                            "with an error: %s", server_round, node, asked_in, reply.error.reason)
+            this_round = (((server_round, node), reply, began)
+                          for node, reply, began in pull_arrived(self.grid, waiting))
+            for (asked_in, node), reply, pull_began in chain(this_round, pull_arrived(self.grid, self.late)):
+                if not reply.has_error():
+                    round_events.record("reply_pulled", asked_in, node, message_id=reply.metadata.message_id,
+                                        pull_began=pull_began)
+                    yield reply
+                elif asked_in == server_round:
+                    self.strategy.node_failed(server_round, node, reply.error.reason)
+                else:  # counted when its round closed without it
+                    log(WARNING, "round %d: node %d answered round %d, which closed without it, "
+                        "with an error: %s", server_round, node, asked_in, reply.error.reason)
             self._check_resyncs()
             if waiting:
                 time.sleep(self.poll_interval)
@@ -199,11 +205,9 @@ class RoundPipeline:
         self.late.update({m: (server_round, node) for m, node in waiting.items()})
 
     def _check_resyncs(self) -> None:
-        for message_id in list(self.resyncs):
-            for reply in self.grid.pull_messages([message_id]):
-                node = self.resyncs.pop(message_id)
-                if reply.has_error():
-                    log(WARNING, "node %d could not take the server's state: %s", node, reply.error.reason)
+        for node, reply, _ in pull_arrived(self.grid, self.resyncs):
+            if reply.has_error():
+                log(WARNING, "node %d could not take the server's state: %s", node, reply.error.reason)
 
 
 def check_partitions(corpus: Corpus, cfg: RunConfig) -> None:
